@@ -1,0 +1,193 @@
+"""The host's view of the in-guest agent: the `Agent` interface and its domain types.
+
+No protobuf type crosses this boundary; `grpc_client.py` is the only module that converts between wire
+messages and these dataclasses. Every method may raise an `AgentError` subclass (see `errors.py`);
+implementations bound every call by a deadline except the ones documented as blocking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """How a filesystem reaches the guest and where the agent mounts it (mount_point under /run/kata-py).
+
+    driver: "9p" | "virtio-fs" | "blk" | "ephemeral" | "local" | "bind".
+    """
+
+    driver: str
+    source: str
+    mount_point: str
+    fstype: str = ""
+    options: tuple[str, ...] = ()
+    driver_options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GuestDetails:
+    mem_block_size_bytes: int  # hot-plugged memory must be a multiple of this
+    online_cpus: int
+    mem_total_bytes: int
+    kernel_release: str
+    agent_version: str
+    oci_runtime: str  # "runc" or "crun"
+    storage_handlers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CpuStats:
+    total_usage_ns: int = 0
+    percpu_usage_ns: tuple[int, ...] = ()
+    kernel_ns: int = 0
+    user_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryStats:
+    usage: int = 0
+    max_usage: int = 0
+    limit: int = 0
+    cache: int = 0
+    stats: Mapping[str, int] = field(default_factory=dict)  # memory.stat keys
+
+
+@dataclass(frozen=True, slots=True)
+class PidsStats:
+    current: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStats:
+    cpu: CpuStats = CpuStats()
+    memory: MemoryStats = field(default_factory=MemoryStats)
+    pids: PidsStats = PidsStats()
+
+
+class OnlineResources(NamedTuple):
+    online_cpus: int
+    mem_total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentVersion:
+    grpc_version: str
+    agent_version: str
+
+
+@runtime_checkable
+class Agent(Protocol):
+    """Host side of the agent protocol, async under trio.
+
+    exec_id "" names a container's init process. Output and OOM streams are async iterators: close them
+    with `contextlib.aclosing(...)` when not reading to EOF. All methods raise `AgentError` subclasses:
+    `AgentUnavailable` when the channel is dead, `AgentTimeout` when a deadline passes, and the
+    subclass matching the agent's own status otherwise.
+    """
+
+    # --- sandbox ---
+    async def create_sandbox(
+        self,
+        hostname: str,
+        dns: Sequence[str],
+        storages: Sequence[Storage],
+        sandbox_id: str,
+        machine_id: str,
+    ) -> None: ...
+
+    async def destroy_sandbox(self) -> None: ...
+
+    async def guest_details(self) -> GuestDetails: ...
+
+    async def set_guest_datetime(self, t: float) -> None:
+        """Set the guest clock to `t` seconds since the epoch (after boot or restore)."""
+        ...
+
+    async def reseed_random(self, data: bytes) -> None: ...
+
+    # --- containers ---
+    async def create_container(
+        self,
+        cid: str,
+        oci_spec: Mapping[str, Any],
+        rootfs: Storage,
+        storages: Sequence[Storage] = (),
+        terminal: bool = False,
+        stdin: bool = False,
+    ) -> int:
+        """Create (not start) the container; returns its init process's guest pid."""
+        ...
+
+    async def start_container(self, cid: str) -> None: ...
+
+    async def remove_container(self, cid: str, timeout: float) -> None:
+        """Kill what is left of the container, wait up to `timeout` seconds (> 0), remove it."""
+        ...
+
+    async def update_container(self, cid: str, linux_resources: Mapping[str, Any]) -> None: ...
+
+    async def stats_container(self, cid: str) -> ContainerStats: ...
+
+    async def pause_container(self, cid: str) -> None: ...
+
+    async def resume_container(self, cid: str) -> None: ...
+
+    async def list_processes(self, cid: str) -> list[int]: ...
+
+    # --- processes ---
+    async def exec_process(
+        self,
+        cid: str,
+        exec_id: str,
+        process: Mapping[str, Any],
+        terminal: bool = False,
+        stdin: bool = False,
+    ) -> int:
+        """Create and start an extra process in a running container; returns its guest pid."""
+        ...
+
+    async def signal_process(self, cid: str, exec_id: str, signal: int, all: bool = False) -> None: ...
+
+    async def wait_process(self, cid: str, exec_id: str) -> int:
+        """Block (no deadline) until the process exits and return its status 0..255; cancellable."""
+        ...
+
+    async def write_stdin(self, cid: str, exec_id: str, data: bytes) -> int:
+        """Returns how many bytes the agent accepted (<= len(data))."""
+        ...
+
+    async def close_stdin(self, cid: str, exec_id: str) -> None: ...
+
+    def read_stdout(self, cid: str, exec_id: str) -> AsyncIterator[bytes]:
+        """Chunks of the process's stdout until EOF (no deadline; cancellable)."""
+        ...
+
+    def read_stderr(self, cid: str, exec_id: str) -> AsyncIterator[bytes]:
+        """Chunks of the process's stderr until EOF (no deadline; cancellable)."""
+        ...
+
+    async def tty_win_resize(self, cid: str, exec_id: str, rows: int, cols: int) -> None: ...
+
+    # --- resources ---
+    async def online_cpu_mem(self, nb_cpus: int, wait: bool) -> OnlineResources:
+        """Online hot-added vCPUs and memory; with `wait`, until `nb_cpus` CPUs are online."""
+        ...
+
+    # --- events and health ---
+    def oom_events(self) -> AsyncIterator[str]:
+        """Ids of containers that saw an OOM kill, for the life of the channel (cancellable)."""
+        ...
+
+    async def check(self) -> bool:
+        """True when the agent reports SERVING."""
+        ...
+
+    async def version(self) -> AgentVersion: ...
+
+    async def aclose(self) -> None:
+        """Cancel every call in flight and release the channel; idempotent."""
+        ...
