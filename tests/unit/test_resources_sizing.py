@@ -145,7 +145,9 @@ def test_merge_update(update: ContainerResources, expected: ContainerResources) 
         ([], 1),
         # the commit message's example: two containers of 0.5 CPU give 1 vCPU, not 2
         ([(cpu(50_000), True), (cpu(50_000), True)], 2),
-        ([(cpu(50_000), True), (cpu(50_001), True)], 3),
+        ([(cpu(50_000), True), (cpu(50_100), True)], 3),
+        # milli-CPUs are floored per container (seed's integer division): 500 + 500 is one vCPU
+        ([(cpu(50_000), True), (cpu(50_099), True)], 2),
         ([(cpu(150_000), True)], 3),
         # different periods: milli-CPUs are summed, not quotas
         ([(cpu(50_000), True), (cpu(10_000, 20_000), True)], 2),
