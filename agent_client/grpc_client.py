@@ -1,0 +1,491 @@
+"""`GrpcAgent`: the `Agent` interface over the generated grpc stubs, and `connect_agent`.
+
+This is the only module that sees agent wire types. grpc.aio is asyncio-bound, so each call starts on
+the sync stub as a future/iterator and waits for it in a worker thread
+(`trio.to_thread.run_sync(cancellable=True)`, trio 0.22's name for abandon_on_cancel). When the trio
+scope is cancelled we call `call.cancel()`, which wakes that thread at once, so no thread outlives the
+call it served. Unary calls carry a `timeout=` from `Deadlines`; WaitProcess and the output/OOM streams
+have none (they block for as long as the process lives) but are cancellable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+import trio
+from google.protobuf import empty_pb2
+
+from agent_client import validate
+from agent_client.errors import (
+    AgentAlreadyExists,
+    AgentError,
+    AgentFailedPrecondition,
+    AgentInternal,
+    AgentInvalidArgument,
+    AgentNotFound,
+    AgentTimeout,
+    AgentUnavailable,
+    AgentUnimplemented,
+)
+from agent_client.protocol import (
+    AgentVersion,
+    ContainerStats,
+    CpuStats,
+    GuestDetails,
+    MemoryStats,
+    OnlineResources,
+    PidsStats,
+    Storage,
+)
+from agent_client.transport import Transport
+from protos.agent.v1 import agent_pb2 as pb
+from protos.agent.v1 import agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_EOF = object()
+_MAX_MESSAGE_CHARS = 1024  # an agent error message longer than this is truncated
+DEFAULT_MAX_THREADS = 1024  # wait + stdout + stderr per process, for hundreds of processes
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """Per-RPC-class deadlines in seconds. Generous: a TCG guest runs runc 10-50x slower than KVM."""
+
+    control: float = 30.0
+    create: float = 120.0  # CreateContainer/ExecProcess: mounts + runc create under TCG
+    health: float = 5.0
+    online: float = 60.0  # OnlineCPUMem(wait=True) polls sysfs until the CPUs show up
+    remove_grace: float = 30.0  # added to RemoveContainer's own kill-and-wait timeout
+
+
+_CODE_TO_ERROR: dict[grpc.StatusCode, type[AgentError]] = {
+    grpc.StatusCode.NOT_FOUND: AgentNotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AgentAlreadyExists,
+    grpc.StatusCode.INVALID_ARGUMENT: AgentInvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: AgentInvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: AgentFailedPrecondition,
+    grpc.StatusCode.UNIMPLEMENTED: AgentUnimplemented,
+    grpc.StatusCode.UNAVAILABLE: AgentUnavailable,
+    # we never see our own cancellations (trio raises Cancelled); any other means the channel closed
+    grpc.StatusCode.CANCELLED: AgentUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: AgentTimeout,
+}
+
+
+def sanitize_message(text: str | None) -> str:
+    """Bound and de-control an agent-supplied message before it reaches logs and containerd."""
+    text = text or ""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:_MAX_MESSAGE_CHARS])
+    return cleaned + ("..." if len(text) > _MAX_MESSAGE_CHARS else "")
+
+
+def error_from_status(method: str, code: grpc.StatusCode | None, details: str | None) -> AgentError:
+    """Map a grpc status to our error class (unknown codes → AgentInternal). Never raises."""
+    cls = _CODE_TO_ERROR.get(code, AgentInternal) if code is not None else AgentInternal
+    message = sanitize_message(details) or (code.name.lower() if code is not None else "unknown error")
+    return cls(message, method=method)
+
+
+def _rpc_error(method: str, exc: grpc.RpcError) -> AgentError:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    return error_from_status(method, code, details)
+
+
+def _storage(s: Storage) -> pb.Storage:
+    return pb.Storage(
+        driver=s.driver,
+        driver_options=list(s.driver_options),
+        source=s.source,
+        fstype=s.fstype,
+        options=list(s.options),
+        mount_point=s.mount_point,
+    )
+
+
+def _json(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class _Stream(Generic[T]):
+    """Async iterator over a server-streaming call; `aclose()` (or cancellation) cancels the call."""
+
+    def __init__(self, agent: GrpcAgent, method: str, call: Any, convert: Callable[[Any], T | None]) -> None:
+        self._agent = agent
+        self._method = method
+        self._call = call
+        self._convert = convert  # None = drop this message
+        self._done = False
+        agent._calls.add(call)
+
+    def __aiter__(self) -> _Stream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        while not self._done:
+            try:
+                msg = await self._agent._wait(self._method, self._call, lambda: next(self._call, _EOF))
+                if msg is _EOF:
+                    break
+                value = self._convert(msg)
+            except BaseException:
+                self._finish()  # an error, bad data or our cancellation ends the stream for good
+                raise
+            if value is not None:
+                return value
+        self._finish()
+        raise StopAsyncIteration
+
+    def _finish(self) -> None:
+        self._done = True
+        self._call.cancel()
+        self._agent._calls.discard(self._call)
+
+    async def aclose(self) -> None:
+        self._finish()
+
+    def __del__(self) -> None:
+        # A consumer that breaks out without aclose() must not leave the guest streaming forever.
+        if not self._done:
+            self._call.cancel()
+
+
+class _ThreadLimiter:
+    """A CapacityLimiter that also lets aclose() wait until every worker thread has returned.
+
+    trio releases a token only when its thread really ends (even after an abandoning cancel), so "no
+    borrowed token" means "no thread of ours alive".
+    """
+
+    def __init__(self, total: int) -> None:
+        self._limiter = trio.CapacityLimiter(total)
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def borrowed_tokens(self) -> int:
+        return self._limiter.borrowed_tokens
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self._limiter.acquire_on_behalf_of(borrower)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self._limiter.release_on_behalf_of(borrower)
+        if not self._limiter.borrowed_tokens:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class GrpcAgent:
+    """`Agent` over a grpc channel. Use `connect_agent()` to get one that has answered a health check."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        deadlines: Deadlines = Deadlines(),
+        max_threads: int = DEFAULT_MAX_THREADS,
+        transport: Transport | None = None,
+    ) -> None:
+        self._channel = channel
+        self._stub = agent_pb2_grpc.AgentStub(channel)
+        self._deadlines = deadlines
+        self._transport = transport
+        # Dedicated: blocked waits and streams must not starve trio's default limiter (40 threads).
+        self.limiter = _ThreadLimiter(max_threads)
+        self._calls: set[Any] = set()  # grpc calls in flight, cancelled by aclose()
+        self._closed = False
+
+    # --- plumbing ---
+
+    async def _wait(self, method: str, call: Any, blocking: Callable[[], T]) -> T:
+        """Run `blocking` (which waits on `call`) in a worker thread; map grpc errors."""
+        try:
+            return await trio.to_thread.run_sync(
+                blocking, cancellable=True, limiter=self.limiter, thread_name=f"agent {method}"
+            )
+        except grpc.RpcError as exc:
+            raise _rpc_error(method, exc) from None
+        except grpc.FutureCancelledError:
+            raise AgentUnavailable("call cancelled: agent client closed", method=method) from None
+        except BaseException:
+            call.cancel()  # trio cancelled us: wake the abandoned thread so it ends now
+            raise
+
+    async def _unary(self, method: str, request: Any, timeout: float | None, **kwargs: Any) -> Any:
+        if self._closed:
+            raise AgentUnavailable("agent client closed", method=method)
+        future = getattr(self._stub, method).future(request, timeout=timeout, **kwargs)
+        self._calls.add(future)
+        try:
+            return await self._wait(method, future, future.result)
+        finally:
+            self._calls.discard(future)
+
+    def _stream(self, method: str, request: Any, convert: Callable[[Any], T | None]) -> _Stream[T]:
+        if self._closed:
+            raise AgentUnavailable("agent client closed", method=method)
+        return _Stream(self, method, getattr(self._stub, method)(request), convert)
+
+    async def aclose(self) -> None:
+        """Cancel every call in flight, close the channel and transport, and wait (up to 5 s) until no
+        worker thread is left. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for call in list(self._calls):
+            call.cancel()
+        self._channel.close()
+        if self._transport is not None:
+            self._transport.close()
+        with trio.move_on_after(5):
+            await self.limiter.wait_idle()
+
+    # --- sandbox ---
+
+    async def create_sandbox(
+        self, hostname: str, dns: Sequence[str], storages: Sequence[Storage], sandbox_id: str, machine_id: str
+    ) -> None:
+        req = pb.CreateSandboxRequest(
+            hostname=hostname,
+            dns=list(dns),
+            storages=[_storage(s) for s in storages],
+            sandbox_pidns=True,
+            sandbox_id=sandbox_id,
+            machine_id=machine_id,
+        )
+        await self._unary("CreateSandbox", req, self._deadlines.create)
+
+    async def destroy_sandbox(self) -> None:
+        await self._unary("DestroySandbox", pb.DestroySandboxRequest(), self._deadlines.control)
+
+    async def guest_details(self) -> GuestDetails:
+        r = await self._unary("GetGuestDetails", pb.GuestDetailsRequest(mem_block_size=True), self._deadlines.control)
+        a = r.agent_details
+        return GuestDetails(
+            mem_block_size_bytes=validate.block_size(r.mem_block_size_bytes),
+            online_cpus=validate.cpu_count(r.online_cpus, "GetGuestDetails"),
+            mem_total_bytes=r.mem_total_bytes,
+            kernel_release=validate.string(r.kernel_release, "kernel release"),
+            agent_version=validate.string(a.version, "agent version"),
+            oci_runtime=validate.string(a.oci_runtime, "OCI runtime name"),
+            storage_handlers=validate.strings(a.storage_handlers, "storage handler"),
+        )
+
+    async def set_guest_datetime(self, t: float) -> None:
+        sec = int(t // 1)
+        req = pb.SetGuestDateTimeRequest(sec=sec, usec=int((t - sec) * 1_000_000))
+        await self._unary("SetGuestDateTime", req, self._deadlines.control)
+
+    async def reseed_random(self, data: bytes) -> None:
+        await self._unary("ReseedRandomDev", pb.ReseedRandomDevRequest(data=data), self._deadlines.control)
+
+    # --- containers ---
+
+    async def create_container(
+        self,
+        cid: str,
+        oci_spec: Mapping[str, Any],
+        rootfs: Storage,
+        storages: Sequence[Storage] = (),
+        terminal: bool = False,
+        stdin: bool = False,
+    ) -> int:
+        req = pb.CreateContainerRequest(
+            container_id=cid,
+            oci_spec_json=_json(oci_spec),
+            storages=[_storage(s) for s in storages],
+            rootfs=_storage(rootfs),
+            terminal=terminal,
+            stdin=stdin,
+        )
+        r = await self._unary("CreateContainer", req, self._deadlines.create)
+        return validate.pid(r.pid, f"container {cid}")
+
+    async def start_container(self, cid: str) -> None:
+        await self._unary("StartContainer", pb.ContainerRequest(container_id=cid), self._deadlines.control)
+
+    async def remove_container(self, cid: str, timeout: float) -> None:
+        if timeout <= 0:
+            raise ValueError("remove_container needs a positive timeout (the agent's 0 means forever)")
+        req = pb.RemoveContainerRequest(container_id=cid, timeout_seconds=max(1, round(timeout)))
+        await self._unary("RemoveContainer", req, timeout + self._deadlines.remove_grace)
+
+    async def update_container(self, cid: str, linux_resources: Mapping[str, Any]) -> None:
+        req = pb.UpdateContainerRequest(container_id=cid, linux_resources_json=_json(linux_resources))
+        await self._unary("UpdateContainer", req, self._deadlines.control)
+
+    async def stats_container(self, cid: str) -> ContainerStats:
+        r = await self._unary("StatsContainer", pb.ContainerRequest(container_id=cid), self._deadlines.control)
+        if len(r.cpu.percpu_usage_ns) > validate.MAX_CPUS:
+            raise validate.AgentBadResponse(f"guest sent {len(r.cpu.percpu_usage_ns)} per-CPU counters")
+        return ContainerStats(
+            cpu=CpuStats(
+                total_usage_ns=r.cpu.total_usage_ns,
+                percpu_usage_ns=tuple(r.cpu.percpu_usage_ns),
+                kernel_ns=r.cpu.usage_in_kernelmode_ns,
+                user_ns=r.cpu.usage_in_usermode_ns,
+            ),
+            memory=MemoryStats(
+                usage=r.memory.usage,
+                max_usage=r.memory.max_usage,
+                limit=r.memory.limit,
+                cache=r.memory.cache,
+                stats=validate.stat_map(dict(r.memory.stats), "memory.stat"),
+            ),
+            pids=PidsStats(current=r.pids.current, limit=r.pids.limit),
+        )
+
+    async def pause_container(self, cid: str) -> None:
+        await self._unary("PauseContainer", pb.ContainerRequest(container_id=cid), self._deadlines.control)
+
+    async def resume_container(self, cid: str) -> None:
+        await self._unary("ResumeContainer", pb.ContainerRequest(container_id=cid), self._deadlines.control)
+
+    async def list_processes(self, cid: str) -> list[int]:
+        r = await self._unary("ListProcesses", pb.ContainerRequest(container_id=cid), self._deadlines.control)
+        return validate.pids(r.pids, f"container {cid}")
+
+    # --- processes ---
+
+    async def exec_process(
+        self, cid: str, exec_id: str, process: Mapping[str, Any], terminal: bool = False, stdin: bool = False
+    ) -> int:
+        req = pb.ExecProcessRequest(
+            container_id=cid, exec_id=exec_id, process_json=_json(process), terminal=terminal, stdin=stdin
+        )
+        r = await self._unary("ExecProcess", req, self._deadlines.create)
+        return validate.pid(r.pid, f"exec {cid}/{exec_id}")
+
+    async def signal_process(self, cid: str, exec_id: str, signal: int, all: bool = False) -> None:
+        req = pb.SignalProcessRequest(container_id=cid, exec_id=exec_id, signal=signal, all=all)
+        await self._unary("SignalProcess", req, self._deadlines.control)
+
+    async def wait_process(self, cid: str, exec_id: str) -> int:
+        # No deadline: it returns when the process exits, which may be never; trio cancellation ends it.
+        r = await self._unary("WaitProcess", pb.ProcessRequest(container_id=cid, exec_id=exec_id), None)
+        return validate.exit_status(r.status, f"{cid}/{exec_id}")
+
+    async def write_stdin(self, cid: str, exec_id: str, data: bytes) -> int:
+        req = pb.WriteStdinRequest(container_id=cid, exec_id=exec_id, data=data)
+        r = await self._unary("WriteStdin", req, self._deadlines.control)
+        return validate.accepted_len(r.len, len(data), f"{cid}/{exec_id} stdin")
+
+    async def close_stdin(self, cid: str, exec_id: str) -> None:
+        req = pb.ProcessRequest(container_id=cid, exec_id=exec_id)
+        await self._unary("CloseStdin", req, self._deadlines.control)
+
+    def _output(self, method: str, cid: str, exec_id: str) -> AsyncIterator[bytes]:
+        what = f"{cid}/{exec_id} {method}"
+
+        def convert(msg: pb.OutputChunk) -> bytes | None:
+            # empty chunks are skipped: consumers may read b"" as EOF
+            return validate.chunk(msg.data, what) or None
+
+        return self._stream(method, pb.ProcessRequest(container_id=cid, exec_id=exec_id), convert)
+
+    def read_stdout(self, cid: str, exec_id: str) -> AsyncIterator[bytes]:
+        return self._output("ReadStdout", cid, exec_id)
+
+    def read_stderr(self, cid: str, exec_id: str) -> AsyncIterator[bytes]:
+        return self._output("ReadStderr", cid, exec_id)
+
+    async def tty_win_resize(self, cid: str, exec_id: str, rows: int, cols: int) -> None:
+        req = pb.TtyWinResizeRequest(container_id=cid, exec_id=exec_id, row=rows, column=cols)
+        await self._unary("TtyWinResize", req, self._deadlines.control)
+
+    # --- resources ---
+
+    async def online_cpu_mem(self, nb_cpus: int, wait: bool) -> OnlineResources:
+        req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus)
+        r = await self._unary("OnlineCPUMem", req, self._deadlines.online)
+        return OnlineResources(validate.cpu_count(r.online_cpus, "OnlineCPUMem"), r.mem_total_bytes)
+
+    # --- events and health ---
+
+    def oom_events(self) -> AsyncIterator[str]:
+        return self._stream("GetOOMEvents", empty_pb2.Empty(), lambda m: validate.container_id(m.container_id))
+
+    async def check(self) -> bool:
+        r = await self._unary("Check", pb.CheckRequest(), self._deadlines.health)
+        return r.status == pb.CheckResponse.SERVING
+
+    async def version(self) -> AgentVersion:
+        r = await self._unary("Version", empty_pb2.Empty(), self._deadlines.control)
+        return AgentVersion(
+            grpc_version=validate.string(r.grpc_version, "grpc version"),
+            agent_version=validate.string(r.agent_version, "agent version"),
+        )
+
+    async def _check_once(self, timeout: float) -> bool:
+        # wait_for_ready: wait for the connection inside this attempt rather than failing fast
+        r = await self._unary("Check", pb.CheckRequest(), timeout, wait_for_ready=True)
+        return r.status == pb.CheckResponse.SERVING
+
+
+async def connect_agent(
+    transport: Transport,
+    deadline: float,
+    *,
+    attempt_timeout: float = 1.0,
+    deadlines: Deadlines = Deadlines(),
+    max_threads: int = DEFAULT_MAX_THREADS,
+) -> GrpcAgent:
+    """Open `transport` and retry the health Check until the agent is SERVING.
+
+    `deadline` is absolute, on trio's clock (`trio.current_time() + seconds`). Each attempt has its own
+    short deadline; between attempts we back off from 50 ms to 500 ms. On failure everything opened is
+    closed again.
+
+    Raises:
+        AgentUnavailable: the agent could not be reached (or said NOT_SERVING) before `deadline`.
+        AgentTimeout: the agent's socket connected but it never answered before `deadline`.
+    """
+    what = transport.describe()
+    try:
+        channel = transport.open()
+    except OSError as exc:
+        transport.close()
+        raise AgentUnavailable(f"cannot open {what}: {exc}", method="Check") from exc
+    agent = GrpcAgent(channel, deadlines=deadlines, max_threads=max_threads, transport=transport)
+    start = trio.current_time()
+    attempts, backoff, last = 0, 0.05, "no attempt made"
+    try:
+        while (remaining := deadline - trio.current_time()) > 0:
+            attempts += 1
+            try:
+                if await agent._check_once(min(attempt_timeout, remaining)):
+                    log.debug("agent at %s serving after %d attempt(s)", what, attempts)
+                    return agent
+                last = "agent answered NOT_SERVING"
+            except (AgentUnavailable, AgentTimeout) as exc:
+                last = exc.message
+            await trio.sleep(min(backoff, max(0.0, deadline - trio.current_time())))
+            backoff = min(backoff * 2, 0.5)
+        waited = trio.current_time() - start
+        if transport.ever_connected() and last != "agent answered NOT_SERVING":
+            raise AgentTimeout(
+                f"agent at {what} connected but did not answer a health check within {waited:.1f} s "
+                f"({attempts} attempts; last: {last})",
+                method="Check",
+            )
+        reason = transport.connect_error() or last
+        raise AgentUnavailable(
+            f"agent at {what} not reachable within {waited:.1f} s ({attempts} attempts; last: {reason})",
+            method="Check",
+        )
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await agent.aclose()
+        raise
