@@ -80,11 +80,17 @@ class EventStream:
 class QmpClient:
     """A connected QMP session. Obtain one with `open_qmp()`; do not construct directly."""
 
-    def __init__(self, raw: QMPClient) -> None:
+    def __init__(self, raw: QMPClient, loop: trio_asyncio.TrioEventLoop) -> None:
         self._raw = raw
+        # Explicit loop: trio-asyncio finds its loop through a context variable that only the
+        # task tree under open_qmp() sees, and callers (e.g. the shim's tasks) live elsewhere.
+        self._loop = loop
         self._streams: set[EventStream] = set()
         self.disconnected = trio.Event()
         self._closed = False
+
+    def _aio(self, proc: Callable[..., Any]) -> Callable[..., Any]:
+        return trio_asyncio.aio_as_trio(proc, loop=self._loop)
 
     # ---- commands ------------------------------------------------------------------------------
     async def execute(
@@ -99,7 +105,7 @@ class QmpClient:
             raise QmpDisconnected(f"QMP {command}: not connected")
         try:
             with trio.fail_after(timeout):
-                return await trio_asyncio.aio_as_trio(self._raw.execute)(command, arguments)
+                return await self._aio(self._raw.execute)(command, arguments)
         except ExecuteError as e:
             raise QmpError(command, arguments, e.error_class, str(e)) from e
         except trio.TooSlowError:
@@ -141,7 +147,7 @@ class QmpClient:
     # ---- lifetime ------------------------------------------------------------------------------
     async def _pump_events(self) -> None:
         # The default listener receives every event; we are its only reader.
-        get = trio_asyncio.aio_as_trio(self._raw.events.get)
+        get = self._aio(self._raw.events.get)
         while True:
             msg = await get()
             ts = msg.get("timestamp", {})
@@ -154,7 +160,7 @@ class QmpClient:
                 stream._offer(event)
 
     async def _watch_link(self) -> None:
-        changed = trio_asyncio.aio_as_trio(self._raw.runstate_changed)
+        changed = self._aio(self._raw.runstate_changed)
         while self._raw.runstate == Runstate.RUNNING:
             await changed()
         self._mark_disconnected()
@@ -172,7 +178,7 @@ class QmpClient:
         self._mark_disconnected()
         with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
             try:
-                await trio_asyncio.aio_as_trio(self._raw.disconnect)()
+                await self._aio(self._raw.disconnect)()
             except (QMPError, OSError, EOFError):
                 pass  # disconnect() re-raises what killed the reader (e.g. ECONNRESET)
 
@@ -184,7 +190,7 @@ async def open_qmp(path: str | os.PathLike[str], *, connect_timeout: float = 5.0
     Opens (and owns) the trio-asyncio loop the bridge needs, plus one nursery holding the event pump
     and the link watcher. Raises QmpDisconnected if the connection cannot be made in time.
     """
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop() as loop:
         raw = QMPClient(f"qmp:{os.fspath(path)}")
         try:
             with trio.fail_after(connect_timeout):
@@ -196,7 +202,7 @@ async def open_qmp(path: str | os.PathLike[str], *, connect_timeout: float = 5.0
                 except (QMPError, OSError, EOFError):
                     pass
             raise QmpDisconnected(f"cannot connect to QMP at {os.fspath(path)}: {e!r}") from e
-        client = QmpClient(raw)
+        client = QmpClient(raw, loop)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._pump_events)
