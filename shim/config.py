@@ -1,0 +1,119 @@
+"""Runtime configuration: a TOML file in Kata's spirit, every key optional.
+
+Looked up in this order: the path containerd passes (runtimeoptions.v1.Options.config_path, from the
+CRI `options.ConfigPath`), $KATA_PY_CONFIG, /etc/kata-py/configuration.toml; else the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+
+DEFAULT_CONFIG_PATH = "/etc/kata-py/configuration.toml"
+DEFAULT_GUEST_CACHE = "/var/cache/kata-py/guest"
+
+
+@dataclass(frozen=True)
+class HypervisorConfig:
+    accel: str = "auto"  # auto | kvm | tcg
+    guest_dir: str = ""  # directory with vmlinux, initrd.img, rootfs.erofs; "" = guest cache "current"
+    kernel_params: str = ""
+    default_vcpus: int = 1
+    max_vcpus: int = 4
+    default_memory_mib: int = 512
+    max_memory_mib: int = 4096
+    memory_slots: int = 8
+    memory_hotplug: str = "pc-dimm"  # pc-dimm | virtio-mem
+    tb_size_mib: int = 64  # TCG translation buffer; QEMU's 1 GiB default bloats every VM
+    machine: str = "q35"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    dial_timeout_s: float = 120.0  # a cold TCG boot takes ~8 s; a loaded CI machine much more
+    oci_runtime: str = ""  # "" = the agent's default (crun when present)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    state_dir: str = "/run/kata-py"
+    # Annotations honoured only through this allowlist (regexes on the key after "io.katacontainers.")
+    enable_annotations: tuple[str, ...] = ()
+    sandbox_cgroup_only: bool = False
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source: str = ""  # where it was read from, for logs
+
+    def guest_dir(self) -> Path:
+        if self.hypervisor.guest_dir:
+            return Path(self.hypervisor.guest_dir)
+        cache = os.environ.get("KATA_PY_GUEST_DIR") or os.environ.get("KATA_PY_GUEST_CACHE", DEFAULT_GUEST_CACHE)
+        path = Path(cache)
+        return path if (path / "vmlinux").exists() else path / "current"
+
+
+def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise InvalidArgument(f"config [{name}]: unknown key {key!r}")
+        default = getattr(cls(), key)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidArgument(f"config [{name}] {key}: expected a list of strings")
+            value = tuple(value)
+        elif isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)):
+            if not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+                raise InvalidArgument(f"config [{name}] {key}: expected {type(default).__name__}, "
+                                      f"got {type(value).__name__}")
+        values[key] = value
+    return cls(**values)
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Raises InvalidArgument naming the bad key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config {source}: {exc}") from None
+    sections = {"hypervisor": HypervisorConfig, "agent": AgentConfig, "runtime": RuntimeConfig}
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise InvalidArgument(f"config {source}: unknown section(s) {sorted(unknown)}")
+    parts = {name: _section(cls, raw.get(name, {}), name) for name, cls in sections.items()}
+    cfg = Config(**parts, source=source)
+    h = cfg.hypervisor
+    if h.accel not in ("auto", "kvm", "tcg"):
+        raise InvalidArgument(f"config [hypervisor] accel: {h.accel!r} is not auto, kvm or tcg")
+    if h.memory_hotplug not in ("pc-dimm", "virtio-mem"):
+        raise InvalidArgument(f"config [hypervisor] memory_hotplug: {h.memory_hotplug!r}")
+    if not 1 <= h.default_vcpus <= h.max_vcpus:
+        raise InvalidArgument("config [hypervisor]: need 1 <= default_vcpus <= max_vcpus")
+    if not 128 <= h.default_memory_mib <= h.max_memory_mib:
+        raise InvalidArgument("config [hypervisor]: need 128 <= default_memory_mib <= max_memory_mib")
+    return cfg
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read the configuration; a missing default file means defaults. Raises InvalidArgument."""
+    candidates = [path] if path else [os.environ.get("KATA_PY_CONFIG", ""), DEFAULT_CONFIG_PATH]
+    for candidate in filter(None, candidates):
+        p = Path(candidate)
+        if p.is_file():
+            return parse_config(p.read_text(), str(p))
+        if path:
+            raise InvalidArgument(f"config file {path} not found")
+    return Config(source="defaults")

@@ -1,0 +1,99 @@
+"""The long-lived shim daemon: one per pod, serving the Task API until Shutdown.
+
+Runs detached (own session), logs into the bundle's `log` fifo that containerd reads, serves ttrpc on
+the listening socket inherited from `start`, and exits once Shutdown finds no containers left (or on
+SIGTERM), stopping its VM first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import trio
+
+import ttrpc
+
+from .config import load_config
+from .events import Publisher
+from .manager import ShimArgs, socket_address, socket_path
+from .sandbox import VmSandbox
+from .service import TASK_SERVICE, TaskService
+
+log = logging.getLogger("kata-py")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _open_log(bundle: str, debug: bool) -> None:
+    """Send logging to containerd through the bundle's `log` fifo (stderr stays /dev/null otherwise)."""
+    try:
+        fd = os.open(Path(bundle) / "log", os.O_WRONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:
+        pass  # no reader (containerd restarting) or no fifo (tests): keep quiet rather than block
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
+                        format="time=%(asctime)s level=%(levelname)s msg=%(message)s logger=%(name)s")
+
+
+async def serve(args: ShimArgs, grouping: str, listen_fd: int | None) -> None:
+    config = load_config(args.config_path or None)
+    if listen_fd is not None:
+        sock = socket.socket(fileno=listen_fd)
+    else:  # started by hand / tests: bind ourselves
+        sock = ttrpc.bind_unix_socket(socket_path(socket_address(args.address, args.namespace, grouping,
+                                                                 args.socket_dir)))
+    path = sock.getsockname()
+    shutdown = trio.Event()
+    publisher = Publisher(args.namespace, os.environ.get("TTRPC_ADDRESS", ""), args.publish_binary,
+                          args.address)
+    log.info("shim %d serving %s for sandbox %s (config: %s)", os.getpid(), path, grouping, config.source)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(publisher.run)
+            sandbox = VmSandbox(grouping, config, nursery)
+            service = TaskService(sandbox, publisher, nursery, shutdown)
+            server = ttrpc.Server()
+            server.register(TASK_SERVICE, service.methods())
+            await nursery.start(server.serve, ttrpc.listener_from_socket(sock))
+            nursery.start_soon(_signals, shutdown)
+            await shutdown.wait()
+            log.info("shutting down")
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(30):
+                    await sandbox.stop()
+                await publisher.close(timeout=2)
+            nursery.cancel_scope.cancel()
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _signals(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: shutting down", signum)
+            shutdown.set()
+
+
+def run(args: ShimArgs, grouping: str) -> int:
+    os.environ.pop("NOTIFY_SOCKET", None)
+    bundle = os.getcwd()
+    _open_log(bundle, args.debug)
+    # QEMU is our child; orphans of our children come back to us rather than to init
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    listen_fd = os.environ.pop("KATA_PY_LISTEN_FD", None)
+    try:
+        trio.run(serve, args, grouping, int(listen_fd) if listen_fd else None)
+    except Exception:
+        log.exception("shim failed")
+        return 1
+    return 0

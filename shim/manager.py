@@ -1,0 +1,170 @@
+"""The shim binary's `start` and `delete` actions, as containerd 1.6 runs them (protocols.md §2).
+
+`start`: find this container's pod shim by the grouping id; reuse it if its socket answers, else bind
+the socket, launch the daemon with the listening socket as fd 3, write `address`, print the address.
+`delete`: clean up after a shim that is gone (or only this container's rootfs when the pod shim lives)
+and print a DeleteResponse.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
+from protos.containerd.runtime.v2.task import shim_pb2
+from ttrpc import bind_unix_socket
+
+from . import mounts, oci
+from .config import load_config
+from .events import timestamp
+
+SOCKET_DIR = "/run/containerd/s"
+RUNTIME_OPTIONS_URL = "runtimeoptions.v1.Options"
+
+
+@dataclass(frozen=True)
+class ShimArgs:
+    namespace: str
+    id: str
+    address: str  # containerd's gRPC socket
+    publish_binary: str = ""
+    bundle: str = ""
+    debug: bool = False
+    socket_dir: str = SOCKET_DIR
+    config_path: str = ""
+
+
+def socket_address(containerd_address: str, namespace: str, grouping: str, socket_dir: str = SOCKET_DIR) -> str:
+    """unix:// path the way containerd's shims derive it: sha256 of <address>/<ns>/<id>."""
+    joined = os.path.normpath(os.path.join(containerd_address, namespace, grouping))
+    return f"unix://{socket_dir}/{hashlib.sha256(joined.encode()).hexdigest()}"
+
+
+def socket_path(address: str) -> str:
+    return address.removeprefix("unix://")
+
+
+def _answers(path: str, timeout: float = 0.1) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def write_address(bundle: str, address: str) -> None:
+    tmp = Path(bundle) / ".address"
+    tmp.write_text(address)
+    tmp.rename(Path(bundle) / "address")
+
+
+def config_path_from_options(raw: bytes) -> str:
+    """containerd passes CRI's runtime options as an Any on stdin; we only need config_path."""
+    if not raw:
+        return ""
+    from google.protobuf import any_pb2
+
+    value = any_pb2.Any.FromString(raw)
+    if value.type_url.rsplit("/", 1)[-1] != RUNTIME_OPTIONS_URL:
+        return ""
+    return runtimeoptions.Options.FromString(value.value).config_path
+
+
+def start(args: ShimArgs, stdin: bytes) -> str:
+    """Run the `start` action; return the address to print. Raises OSError/ValueError on failure."""
+    bundle = os.getcwd()
+    annotations = oci.annotations_of(bundle)
+    grouping = oci.grouping_id(args.id, annotations)
+    address = socket_address(args.address, args.namespace, grouping, args.socket_dir)
+    path = socket_path(address)
+    config_path = config_path_from_options(stdin) or args.config_path
+    os.makedirs(args.socket_dir, mode=0o700, exist_ok=True)
+    os.chmod(args.socket_dir, 0o700)
+    try:
+        listener = bind_unix_socket(path)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        if _answers(path):  # the pod's shim is alive: share it
+            write_address(bundle, address)
+            return address
+        os.unlink(path)  # stale socket of a dead shim
+        listener = bind_unix_socket(path)
+    try:
+        argv = [sys.executable, "-m", "shim", "-namespace", args.namespace, "-id", args.id,
+                "-address", args.address, "-publish-binary", args.publish_binary,
+                "-socket-dir", args.socket_dir, "-grouping", grouping]
+        if config_path:
+            argv += ["-config", config_path]
+        if args.debug:
+            argv.append("-debug")
+        with open(os.devnull, "r+b") as devnull:
+            subprocess.Popen(argv, cwd=bundle, stdin=devnull, stdout=devnull, stderr=devnull,
+                             pass_fds=(listener.fileno(),), start_new_session=True,
+                             env={**os.environ, "KATA_PY_LISTEN_FD": str(listener.fileno())})
+        write_address(bundle, address)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        listener.close()
+    return address
+
+
+def sandbox_state_dir(state_root: str, sandbox_id: str) -> Path:
+    return Path(state_root) / "sandboxes" / sandbox_id
+
+
+def delete(args: ShimArgs) -> bytes:
+    """Run the `delete` action; return the serialized DeleteResponse to print.
+
+    Idempotent, and never disturbs a live pod shim: when the pod's socket still answers, only this
+    container's rootfs mount is released.
+    """
+    bundle = args.bundle or os.getcwd()
+    annotations = oci.annotations_of(bundle)
+    grouping = oci.grouping_id(args.id, annotations)
+    path = socket_path(socket_address(args.address, args.namespace, grouping, args.socket_dir))
+    rootfs = Path(bundle) / "rootfs"
+    if rootfs.exists():
+        mounts.unmount_all(rootfs)
+    if not _answers(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        if grouping == args.id or oci.pod_role(args.id, annotations).is_sandbox:
+            cleanup_sandbox(load_config(args.config_path or None).runtime.state_dir, grouping)
+    return shim_pb2.DeleteResponse(exit_status=128 + signal.SIGKILL, exited_at=timestamp()).SerializeToString()
+
+
+def cleanup_sandbox(state_root: str, sandbox_id: str) -> None:
+    """Remove what a dead pod shim left: its QEMU, shared-dir mounts and state directory."""
+    state = sandbox_state_dir(state_root, sandbox_id)
+    pid_file = state / "qemu.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if str(state).encode() in cmdline:  # only a QEMU that is really ours (pids get reused)
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.02)
+    except (OSError, ValueError):
+        pass
+    if state.exists():
+        mounts.unmount_all(state)
+        shutil.rmtree(state, ignore_errors=True)

@@ -1,0 +1,313 @@
+"""The pod's sandbox: one QEMU VM, the agent inside it, the shared directory, the pod's resources.
+
+`VmSandbox.start()` reads as a linear script — check the guest image → choose the accelerator → launch
+QEMU → wait for the agent port → connect the agent → set clock, entropy, identity → create the
+sandbox — each step timed and adding context to its error. The Task service calls
+create_container / remove_container / resources_changed / stop; it never sees QEMU or protobufs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from agent_client.errors import (
+    AgentAlreadyExists,
+    AgentError,
+    AgentFailedPrecondition,
+    AgentInvalidArgument,
+    AgentNotFound,
+    AgentTimeout,
+    AgentUnavailable,
+    AgentUnimplemented,
+)
+from agent_client.grpc_client import GrpcAgent, connect_agent
+from agent_client.protocol import Agent, Storage
+from agent_client.transport import SerialTransport, VsockTransport, vsock_available
+from vmm.accel import detect_accel
+from vmm.config import NinePShare, SerialChannel, VmConfig, VsockChannel
+from vmm.errors import VmmError
+from vmm.hypervisor import VmExit
+from vmm.qemu import QemuHypervisor
+
+from . import mounts
+from .config import Config
+from .errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ShimError,
+    Unavailable,
+    Unimplemented,
+)
+from .process import Container
+
+log = logging.getLogger(__name__)
+
+GUEST_FILES = ("vmlinux", "initrd.img", "rootfs.erofs")
+GUEST_ROOT = "/run/kata-py"  # the agent's root in the guest
+SHARED_TAG = "kataShared"
+GUEST_SHARED = f"{GUEST_ROOT}/shared"
+REMOVE_TIMEOUT_S = 30
+
+_AGENT_TO_SHIM: list[tuple[type[AgentError], type[ShimError]]] = [
+    (AgentNotFound, NotFound), (AgentAlreadyExists, AlreadyExists), (AgentInvalidArgument, InvalidArgument),
+    (AgentFailedPrecondition, FailedPrecondition), (AgentUnimplemented, Unimplemented),
+    (AgentUnavailable, Unavailable), (AgentTimeout, DeadlineExceeded),
+]
+
+
+@asynccontextmanager
+async def agent_errors() -> AsyncIterator[None]:
+    """Map agent errors onto the shim's error set, once, here."""
+    try:
+        yield
+    except AgentError as exc:
+        shim_class = next((s for a, s in _AGENT_TO_SHIM if isinstance(exc, a)), Internal)
+        raise shim_class(f"agent: {exc}") from exc
+
+
+class Sandbox(Protocol):
+    """What the Task service needs from a pod sandbox."""
+
+    @property
+    def agent(self) -> Agent: ...
+
+    def pid(self) -> int: ...
+
+    async def create_container(self, container: Container) -> None: ...
+
+    async def remove_container(self, container: Container) -> None: ...
+
+    async def resources_changed(self, containers: Iterable[Container]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class PhaseTimer:
+    """Wall time of each named phase of a start, logged as one structured line."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.phases: dict[str, float] = {}
+        self._t0 = self._last = time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = round(now - self._last, 3)
+        self._last = now
+
+    def log(self, **extra: Any) -> None:
+        total = round(time.monotonic() - self._t0, 3)
+        fields = " ".join(f"{k}={v}" for k, v in {**self.phases, **extra, "total": total}.items())
+        log.info("timing %s %s", self.what, fields)
+
+
+class VmSandbox:
+    """The real sandbox. Its VM's watcher and the agent's threads live in the daemon's nursery."""
+
+    def __init__(self, sandbox_id: str, config: Config, nursery: trio.Nursery) -> None:
+        self.id = sandbox_id
+        self.config = config
+        self._nursery = nursery
+        self.state_dir = Path(config.runtime.state_dir) / "sandboxes" / sandbox_id
+        self.shared_dir = self.state_dir / "shared"
+        self._vm: QemuHypervisor | None = None
+        self._agent: GrpcAgent | None = None
+        self._start_lock = trio.Lock()
+        self._stopped = False
+        self.vm_exit: VmExit | None = None
+        self.timings: dict[str, float] = {}
+
+    # --- what the service uses ------------------------------------------------------------------
+    @property
+    def agent(self) -> Agent:
+        if self._agent is None:
+            raise FailedPrecondition(f"sandbox {self.id}: VM is not running")
+        return self._agent
+
+    def pid(self) -> int:
+        pid = self._vm.pid() if self._vm else None
+        return pid or os.getpid()
+
+    async def create_container(self, container: Container) -> None:
+        async with self._start_lock:
+            if self._stopped:
+                raise FailedPrecondition(f"sandbox {self.id} is stopped")
+            if self._agent is None:
+                if not container.is_sandbox:
+                    raise FailedPrecondition(f"sandbox {self.id} is not running: create its sandbox container first")
+                await self.start()
+        timer = PhaseTimer(f"container={container.id}")
+        rootfs = self._share_rootfs(container)
+        timer.mark("rootfs")
+        try:
+            async with agent_errors():
+                container.init.guest_pid = await self.agent.create_container(
+                    container.id, container.spec, rootfs, terminal=container.init.terminal,
+                    stdin=container.init.stdio.has_stdin)
+        except BaseException:
+            self._unshare_rootfs(container)
+            raise
+        timer.mark("agent_create")
+        timer.log()
+
+    async def remove_container(self, container: Container) -> None:
+        if self._agent is not None and self.vm_exit is None:
+            try:
+                async with agent_errors():
+                    await self._agent.remove_container(container.id, REMOVE_TIMEOUT_S)
+            except NotFound:
+                pass  # never reached the guest, or already gone
+            except ShimError as exc:
+                log.warning("container %s: remove in guest failed: %s", container.id, exc)
+        self._unshare_rootfs(container)
+
+    async def resources_changed(self, containers: Iterable[Container]) -> None:
+        """Hook for the resource reconciler (VM sizing follows the containers)."""
+
+    async def stop(self) -> None:
+        """Stop the VM and remove everything on the host. Idempotent."""
+        self._stopped = True
+        if self._agent is not None:
+            agent, self._agent = self._agent, None
+            if self.vm_exit is None:
+                with trio.move_on_after(2):
+                    try:
+                        await agent.destroy_sandbox()
+                    except AgentError as exc:
+                        log.info("destroy sandbox: %s", exc)
+            await agent.aclose()
+        if self._vm is not None:
+            await self._vm.stop()
+        if self.state_dir.exists():
+            mounts.unmount_all(self.state_dir)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    # --- the start script -----------------------------------------------------------------------
+    def guest_image(self) -> Path:
+        """Raises FailedPrecondition naming what is missing."""
+        guest = self.config.guest_dir()
+        missing = [f for f in GUEST_FILES if not (guest / f).is_file()]
+        if missing:
+            raise FailedPrecondition(
+                f"guest image not built: {', '.join(missing)} missing in {guest} "
+                "(build it with `python3 packaging/guest/build_guest.py`)")
+        return guest.resolve()
+
+    def vm_config(self, guest: Path) -> VmConfig:
+        h = self.config.hypervisor
+        if vsock_available():
+            channel: SerialChannel | VsockChannel = VsockChannel(guest_cid=_guest_cid(self.id))
+            param = "kata_py.channel=vsock:1024"
+        else:
+            channel, param = SerialChannel(), "kata_py.channel=serial:agent"
+        extra = (param, f"kata_py.log={'debug' if self.config.runtime.debug else 'info'}",
+                 *h.kernel_params.split())
+        return VmConfig(
+            state_dir=self.state_dir, kernel=guest / "vmlinux", initrd=guest / "initrd.img",
+            rootfs=guest / "rootfs.erofs", kernel_params_extra=extra, name=f"kata-py-{self.id[:16]}",
+            machine=h.machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
+            max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
+            tb_size_mib=h.tb_size_mib, agent=channel, shared=NinePShare(self.shared_dir))
+
+    async def start(self) -> None:
+        """Boot the VM and bring its agent up. Raises FailedPrecondition/Unavailable with context."""
+        timer = PhaseTimer(f"sandbox={self.id}")
+        guest = self.guest_image()
+        try:
+            accel = detect_accel(self.config.hypervisor.accel)  # type: ignore[arg-type]
+        except VmmError as exc:
+            raise FailedPrecondition(f"accelerator: {exc}") from exc
+        log.info("sandbox %s: accelerator %s (%s)", self.id, accel.name, accel.reason)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.shared_dir.mkdir(mode=0o700, exist_ok=True)
+        cfg = self.vm_config(guest)
+        self._vm = QemuHypervisor(cfg, accel=accel, on_exit=self._on_vm_exit, start_timeout=30)
+        try:
+            await self._vm.start(self._nursery)
+            timer.mark("vm_launch")
+            deadline = trio.current_time() + self.config.agent.dial_timeout_s
+            if isinstance(cfg.agent, SerialChannel):
+                await self._vm.wait_agent_port_open(self.config.agent.dial_timeout_s)
+                transport: Any = SerialTransport(str(cfg.agent_socket))
+            else:
+                transport = VsockTransport(cfg.agent.guest_cid, cfg.agent.port)
+            timer.mark("agent_port")
+            self._agent = await connect_agent(transport, deadline)
+            timer.mark("agent_ready")
+            async with agent_errors():
+                # a booted (or restored) guest must get the host's clock and fresh entropy first
+                await self._agent.set_guest_datetime(time.time())
+                await self._agent.reseed_random(os.urandom(256))
+                await self._agent.create_sandbox(
+                    hostname=socket.gethostname(), dns=(), sandbox_id=self.id, machine_id=uuid.uuid4().hex,
+                    storages=[Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)])
+            timer.mark("sandbox_create")
+        except (VmmError, AgentError, ShimError, OSError) as exc:
+            tail = self._vm.console_tail(2000) if self._vm else ""
+            await self.stop()
+            self._stopped = False
+            if isinstance(exc, ShimError):
+                raise
+            raise Unavailable(f"sandbox {self.id}: VM start failed: {exc}\nconsole:\n{tail}") from exc
+        self.timings = dict(timer.phases)
+        timer.log(accel=accel.name, boot="cold")
+
+    def _on_vm_exit(self, info: VmExit) -> None:
+        self.vm_exit = info
+        if not info.expected:
+            tail = self._vm.console_tail(1500) if self._vm else ""
+            log.error("sandbox %s: VM died (%s, rc=%s); console tail:\n%s", self.id, info.reason,
+                      info.returncode, tail)
+        if self._agent is not None:  # fail every call in flight now, rather than at their deadlines
+            self._nursery.start_soon(self._agent.aclose)
+
+    # --- rootfs sharing -------------------------------------------------------------------------
+    def _share_rootfs(self, container: Container) -> Storage:
+        """Mount containerd's rootfs on <bundle>/rootfs and bind it into the shared dir.
+
+        Raises InvalidArgument for an unsupported mount and Internal when mounting fails.
+        """
+        bundle_rootfs = Path(container.bundle) / "rootfs"
+        target = self.shared_dir / "containers" / container.id / "rootfs"
+        try:
+            bundle_rootfs.mkdir(exist_ok=True)
+            for m in container.rootfs_mounts:
+                if m.type not in ("overlay", "bind", "ext4", "xfs", "tmpfs"):
+                    raise InvalidArgument(f"rootfs mount type {m.type!r} is not supported")
+                flags, data = mounts.mount_options(list(m.options))
+                mounts.mount(m.source, str(bundle_rootfs), None if m.type == "bind" else m.type,
+                             flags | (mounts.MS_BIND if m.type == "bind" else 0), data)
+            target.mkdir(parents=True, exist_ok=True)
+            mounts.mount(str(bundle_rootfs), str(target), None, mounts.MS_BIND | mounts.MS_REC)
+        except OSError as exc:
+            self._unshare_rootfs(container)
+            raise Internal(f"container {container.id}: rootfs: {exc}") from exc
+        return Storage(driver="", source="", mount_point=f"{GUEST_SHARED}/containers/{container.id}/rootfs")
+
+    def _unshare_rootfs(self, container: Container) -> None:
+        shared = self.shared_dir / "containers" / container.id
+        if shared.exists():
+            mounts.unmount_all(shared)
+            shutil.rmtree(shared, ignore_errors=True)
+        if container.rootfs_mounts:
+            mounts.unmount_all(Path(container.bundle) / "rootfs")
+
+
+def _guest_cid(sandbox_id: str) -> int:
+    # CIDs 0-2 are reserved; derive a stable one per sandbox (collisions make QEMU fail loudly)
+    return 3 + int.from_bytes(sandbox_id.encode()[:8].ljust(8, b"\0"), "big") % (2**31 - 4)
