@@ -170,11 +170,14 @@ class Server:
         except RemoteProtocolError as exc:
             await conn.send(stream_id, encode_response(Code.INVALID_ARGUMENT, str(exc)))
             return
-        code, message, body = await self._call(request)
-        if len(body) > MAX_MESSAGE_LENGTH:
-            code, message, body = (Code.RESOURCE_EXHAUSTED,
-                                   f"response of {len(body)} bytes exceeds {MAX_MESSAGE_LENGTH}", b"")
-        await conn.send(stream_id, encode_response(code, message, body))
+        response = encode_response(*await self._call(request))
+        # the limit applies to the whole envelope (encode_frame enforces it): checking only the reply
+        # body let a reply just under 4 MiB raise LocalProtocolError here and take the server down
+        if len(response) > MAX_MESSAGE_LENGTH:
+            response = encode_response(
+                Code.RESOURCE_EXHAUSTED,
+                f"response of {len(response)} bytes exceeds maximum message size of {MAX_MESSAGE_LENGTH}")
+        await conn.send(stream_id, response)
 
     async def _call(self, request: Request) -> tuple[int, str, bytes]:
         methods = self._services.get(request.service)
@@ -187,7 +190,9 @@ class Server:
             message = method.request_type.FromString(request.payload)
         except DecodeError as exc:
             return Code.INTERNAL, f"ttrpc: error unmarshalling payload: {exc}", b""
-        deadline = (trio.current_time() + request.timeout_nano / 1e9 if request.timeout_nano > 0
+        # as Go's getRequestContext: 0 = no deadline; a negative value (the caller's deadline had
+        # already passed when it sent) is a deadline in the past, not "no deadline"
+        deadline = (trio.current_time() + request.timeout_nano / 1e9 if request.timeout_nano != 0
                     else float("inf"))
         ctx = RequestContext(request.service, request.method, request.metadata, deadline)
         try:
