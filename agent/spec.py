@@ -1,0 +1,77 @@
+"""Rewrite a host OCI runtime spec for the guest. Pure: dict in, dict out."""
+
+import copy
+import json
+import re
+from typing import Any
+
+from agent.errors import InvalidArgument
+
+CGROUP_PARENT = "kata-py"
+_HOST_NS_PATH = re.compile(r"^/proc/\d+/ns/")
+
+
+def parse_json(data: bytes, field: str) -> dict[str, Any]:
+    """Decode a JSON object sent by the host. Raises InvalidArgument naming `field` if it is not one."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{field}: invalid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field}: expected a JSON object")
+    return value
+
+
+def cgroups_path(container_id: str) -> str:
+    """The cgroupfs path the agent gives a container (relative to the cgroup2 mount)."""
+    return f"/{CGROUP_PARENT}/{container_id}"
+
+
+def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: bool) -> dict[str, Any]:
+    """Return a copy of `spec` fit to run in the guest.
+
+    - root.path becomes `rootfs` (the guest path of the container's root filesystem);
+    - the network namespace is removed (containers share the VM's network, which is the pod's) and
+      namespace paths naming host processes (/proc/<pid>/ns/...) are dropped: they mean nothing here;
+    - hooks are dropped (they name host binaries);
+    - AppArmor/SELinux labels are dropped (host policy; the guest kernel does not load it);
+    - linux.cgroupsPath is set under the kata-py parent, whatever the host's cgroup driver used;
+    - process.terminal follows the request.
+
+    Raises InvalidArgument when the spec has no `process` object.
+    """
+    out = copy.deepcopy(spec)
+    process = out.get("process")
+    if not isinstance(process, dict):
+        raise InvalidArgument(f"oci_spec_json: container {container_id}: spec has no process")
+    process["terminal"] = terminal
+    process.pop("apparmorProfile", None)
+    process.pop("selinuxLabel", None)
+    root = out.setdefault("root", {})
+    root["path"] = rootfs
+    out.pop("hooks", None)
+    linux = out.setdefault("linux", {})
+    linux.pop("mountLabel", None)
+    namespaces = []
+    for ns in linux.get("namespaces", []):
+        if ns.get("type") == "network":
+            continue
+        ns = dict(ns)
+        if _HOST_NS_PATH.match(ns.get("path", "")):
+            del ns["path"]
+        namespaces.append(ns)
+    linux["namespaces"] = namespaces
+    linux["cgroupsPath"] = cgroups_path(container_id)
+    return out
+
+
+def exec_process(process: dict[str, Any], terminal: bool) -> dict[str, Any]:
+    """Return a copy of an OCI Process for `runtime exec --process`, with the guest-side fixes."""
+    out = copy.deepcopy(process)
+    out["terminal"] = terminal
+    out.pop("apparmorProfile", None)
+    out.pop("selinuxLabel", None)
+    if not out.get("args"):
+        raise InvalidArgument("process_json: args must not be empty")
+    out.setdefault("cwd", "/")
+    return out
