@@ -66,11 +66,19 @@ class Client:
         try:
             with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
                 async with self._send_lock:
+                    # a timeout that passed while we waited for the lock must not count as an
+                    # interrupted send below (nothing was written yet)
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     try:
                         await self._stream.send_all(frame)
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         self._close(exc)
                         raise ClosedError() from exc
+                    except trio.Cancelled:
+                        # part of the frame may be out: the peer would read our next frame as the
+                        # rest of this one, so the connection is unusable
+                        await self._abort(ClosedError("ttrpc: closed: send interrupted"))
+                        raise
                 await pending.done.wait()
             if scope.cancelled_caught:
                 raise StatusError("context deadline exceeded", Code.DEADLINE_EXCEEDED)
@@ -134,6 +142,11 @@ class Client:
                 pending.error = ClosedError(str(reason) or "ttrpc: closed")
                 pending.done.set()
         self.closed_event.set()
+
+    async def _abort(self, reason: Exception) -> None:
+        self._close(reason)
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self._stream)
 
     async def aclose(self) -> None:
         self._close(ClosedError())
