@@ -6,32 +6,13 @@ maps the code back to ErrNotFound etc.), so the mapping lives in exactly one pla
 
 from __future__ import annotations
 
-import enum
+from ttrpc.errors import Code, StatusError
+
+__all__ = ["AlreadyExists", "Code", "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument",
+           "NotFound", "ShimError", "Unavailable", "Unimplemented"]
 
 
-class Code(enum.IntEnum):
-    """google.rpc.Code values (the gRPC status codes)."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
-
-
-class ShimError(Exception):
+class ShimError(StatusError):
     """Root of every error that crosses the Task API boundary with a specific code."""
 
     code: Code = Code.UNKNOWN

@@ -1,0 +1,48 @@
+"""Shared fixtures: leak checking for tests that start real processes, and a private containerd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import leaks
+from tests.support.containerd import PrivateContainerd
+
+REAL_PROCESS_MARKERS = ("vm", "containerd")
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests marked vm/containerd must leave no process, socket, mount, netns, tap or cgroup behind."""
+    if not any(request.node.get_closest_marker(m) for m in REAL_PROCESS_MARKERS):
+        yield
+        return
+    before = leaks.snapshot()
+    yield
+    left: list[str] = []
+    for _ in range(50):  # processes may still be exiting
+        left = leaks.leaked(before, leaks.snapshot())
+        if not left:
+            return
+        time.sleep(0.1)
+    for item in left:  # don't let one test's leak poison the next
+        if item.startswith("processes: "):
+            pid = int(item.split()[1].rstrip(":"))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    pytest.fail("test leaked:\n" + "\n".join(left))
+
+
+@pytest.fixture
+def containerd() -> Iterator[PrivateContainerd]:
+    ctd = PrivateContainerd().start()
+    try:
+        yield ctd
+    finally:
+        ctd.cleanup()
