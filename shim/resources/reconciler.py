@@ -41,11 +41,14 @@ log = logging.getLogger(__name__)
 
 
 class VmResizer(Protocol):
-    """The two Hypervisor methods the reconciler needs; each returns the size actually reached."""
+    """The two Hypervisor methods the reconciler needs; each returns the size actually reached.
 
-    async def resize_vcpus(self, n: int) -> int: ...
+    Positional-only so that `vmm.hypervisor.Hypervisor` (``target``, ``target_mib``) matches structurally.
+    """
 
-    async def resize_memory(self, mib: int) -> int: ...
+    async def resize_vcpus(self, n: int, /) -> int: ...
+
+    async def resize_memory(self, mib: int, /) -> int: ...
 
 
 class GuestOnliner(Protocol):
