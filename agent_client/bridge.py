@@ -12,27 +12,30 @@ same unframed port would be mixed with the first. The agent then reports `AgentU
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import select
 import shutil
 import socket
 import tempfile
 import threading
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 _BUF = 64 * 1024
 _JOIN_TIMEOUT = 5.0
+_CONNECT_TIMEOUT = 5.0  # AF_VSOCK to a missing guest only fails after the kernel's 2 s timeout
 
 
 class SocketBridge:
     """Owns one listening unix socket, its accept thread and two pump threads per live connection."""
 
-    def __init__(
-        self, connect_upstream: Callable[[], socket.socket], *, name: str, single_connection: bool
-    ) -> None:
-        self._connect_upstream = connect_upstream
+    def __init__(self, family: int, address: Any, *, name: str, single_connection: bool) -> None:
+        self._family = family
+        self._address = address
         self._name = name
         self._single = single_connection
         self._lock = threading.Lock()  # guards _socks, _threads, _used, _closed
@@ -42,6 +45,8 @@ class SocketBridge:
         self._closed = False
         self._dir: str | None = None
         self._listener: socket.socket | None = None
+        # close() writes here to abort an upstream connect() in progress (shutdown() cannot)
+        self._wake_r, self._wake_w = socket.socketpair()
         self.connected_once = False
         self.last_error: str | None = None
 
@@ -72,6 +77,7 @@ class SocketBridge:
             self._closed = True
             socks = list(self._socks)
             threads = list(self._threads)
+        self._wake_w.send(b"x")
         if self._listener is not None:
             # shutdown() wakes the accept() blocked in the accept thread (Linux: EINVAL)
             with contextlib.suppress(OSError):
@@ -83,6 +89,8 @@ class SocketBridge:
             t.join(_JOIN_TIMEOUT)
         if self._listener is not None:
             self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -114,7 +122,7 @@ class SocketBridge:
                 down.close()
                 continue
             try:
-                up = self._connect_upstream()
+                up = self._connect()
             except OSError as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 down.close()
@@ -128,6 +136,31 @@ class SocketBridge:
                 return
             self._spawn(self._pump, "up", down, up)
             self._spawn(self._pump, "down", up, down)
+
+    def _connect(self) -> socket.socket:
+        """Connect to the upstream address; close() aborts a connect in progress.
+
+        Raises:
+            OSError: the connect failed, timed out, or the bridge is closing.
+        """
+        s = socket.socket(self._family, socket.SOCK_STREAM)
+        try:
+            s.setblocking(False)
+            err = s.connect_ex(self._address)
+            if err == errno.EINPROGRESS:
+                readable, writable, _ = select.select([self._wake_r], [s], [], _CONNECT_TIMEOUT)
+                if readable:
+                    raise ConnectionAbortedError("bridge closed while connecting")
+                if not writable:
+                    raise TimeoutError(errno.ETIMEDOUT, "connect timed out")
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+            s.setblocking(True)
+        except OSError:
+            s.close()
+            raise
+        return s
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:

@@ -21,7 +21,6 @@ from agent_client.bridge import SocketBridge
 
 VSOCK_DEVICE = "/dev/vhost-vsock"
 AGENT_VSOCK_PORT = 1024
-_UPSTREAM_CONNECT_TIMEOUT = 5.0
 _MAX_MESSAGE = 8 << 20  # a few MiB: OCI specs, stdin writes, output chunks are all far smaller
 
 # Why each option: the agent is one peer on a private link, not a service behind a load balancer.
@@ -76,13 +75,15 @@ class _BridgedTransport:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def _upstream(self) -> socket.socket:
+    def _upstream(self) -> tuple[int, object]:
+        """(address family, address) of the agent's socket."""
         raise NotImplementedError
 
     def open(self) -> grpc.Channel:
         if self._bridge is not None:
             raise RuntimeError(f"{self.describe()}: transport already opened (one channel per VM)")
-        self._bridge = SocketBridge(self._upstream, name=self.describe(), single_connection=self._single_connection)
+        family, address = self._upstream()
+        self._bridge = SocketBridge(family, address, name=self.describe(), single_connection=self._single_connection)
         path = self._bridge.start()
         return grpc.insecure_channel(f"unix:{path}", options=CHANNEL_OPTIONS)
 
@@ -109,16 +110,8 @@ class SerialTransport(_BridgedTransport):
     def describe(self) -> str:
         return f"virtio-serial {self.socket_path}"
 
-    def _upstream(self) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.settimeout(_UPSTREAM_CONNECT_TIMEOUT)
-            s.connect(self.socket_path)
-            s.settimeout(None)
-        except OSError:
-            s.close()
-            raise
-        return s
+    def _upstream(self) -> tuple[int, object]:
+        return socket.AF_UNIX, self.socket_path
 
 
 class VsockTransport(_BridgedTransport):
@@ -136,13 +129,5 @@ class VsockTransport(_BridgedTransport):
     def describe(self) -> str:
         return f"vsock:{self.cid}:{self.port}"
 
-    def _upstream(self) -> socket.socket:
-        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        try:
-            s.settimeout(_UPSTREAM_CONNECT_TIMEOUT)
-            s.connect((self.cid, self.port))
-            s.settimeout(None)
-        except OSError:
-            s.close()
-            raise
-        return s
+    def _upstream(self) -> tuple[int, object]:
+        return socket.AF_VSOCK, (self.cid, self.port)
