@@ -132,7 +132,9 @@ def encode_request(req: Request) -> bytes:
     msg = ttrpc_pb2.Request(service=req.service, method=req.method, payload=req.payload,
                             timeout_nano=req.timeout_nano)
     for key, value in req.metadata:
-        msg.metadata.add(key=key, value=value)
+        # Go's ttrpc.MD lower-cases keys when they are set and its server looks them up as stored,
+        # so a key sent with capitals would never be found by a Go server
+        msg.metadata.add(key=key.lower(), value=value)
     return msg.SerializeToString()
 
 
