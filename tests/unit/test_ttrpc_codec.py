@@ -209,3 +209,9 @@ def test_bad_envelopes_are_remote_protocol_errors(junk: bytes) -> None:
         decode_request(junk)
     with pytest.raises(RemoteProtocolError):
         decode_response(junk)
+
+
+def test_request_metadata_keys_are_lowercased_on_encode() -> None:
+    # Go's MD lower-cases on Set and a Go server looks keys up as received
+    raw = encode_request(Request("s", "m", b"", 0, (("X-Key", "A"),)))
+    assert [(kv.key, kv.value) for kv in ttrpc_pb2.Request.FromString(raw).metadata] == [("x-key", "A")]
