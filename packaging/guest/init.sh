@@ -11,6 +11,8 @@ fail() {
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+read -r up _ </proc/uptime
+echo "KATA_PY_INITRD uptime=$up"
 
 # Dependency order was computed at build time (modprobe --show-depends); no udev, no modprobe here.
 while read -r m; do
