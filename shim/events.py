@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -92,36 +92,50 @@ class Publisher:
             await self._drained.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Forward queued events in order until the queue is closed and drained."""
         task_status.started()
-        client_cm = None
-        client: ttrpc.Client | None = None
         try:
-            async for envelope in self._receive:
-                for attempt in range(1, MAX_TRIES + 1):
-                    try:
-                        if self._ttrpc_address:
-                            if client is None or client.is_closed:
-                                if client_cm is not None:
-                                    await client_cm.__aexit__(None, None, None)
-                                client_cm = ttrpc.open_client(self._ttrpc_address)
-                                client = await client_cm.__aenter__()
-                            await self._forward(client, envelope)
-                        else:
-                            await self._publish_with_binary(envelope)
-                        self._record(envelope)
-                        break
-                    except (OSError, ttrpc.TtrpcError) as exc:
-                        log.warning("publish %s failed (try %d/%d): %s", envelope.topic, attempt, MAX_TRIES, exc)
-                        client = None if isinstance(exc, (OSError, ttrpc.ClosedError)) else client
-                        if attempt < MAX_TRIES:
-                            await trio.sleep(attempt * 0.5)
-                else:
-                    log.error("dropping event %s after %d tries", envelope.topic, MAX_TRIES)
+            if self._ttrpc_address:
+                await self._forward_loop()
+            else:
+                async for envelope in self._receive:
+                    await self._with_retries(envelope, self._publish_with_binary)
         finally:
             self._drained.set()
-            if client_cm is not None:
-                with trio.CancelScope(shield=True):
-                    await client_cm.__aexit__(None, None, None)
+
+    async def _forward_loop(self) -> None:
+        backlog: Envelope | None = None  # the event being delivered, kept across reconnects
+        tries = 0
+        while True:
+            try:
+                async with ttrpc.open_client(self._ttrpc_address) as client:
+                    while True:
+                        backlog = backlog or await self._receive.receive()
+                        await self._forward(client, backlog)
+                        self._record(backlog)
+                        backlog, tries = None, 0
+            except trio.EndOfChannel:
+                return
+            except (OSError, ttrpc.TtrpcError) as exc:
+                tries += 1
+                topic = backlog.topic if backlog else "-"
+                log.warning("publish %s failed (try %d/%d): %s", topic, tries, MAX_TRIES, exc)
+                if tries >= MAX_TRIES:
+                    log.error("dropping event %s after %d tries", topic, MAX_TRIES)
+                    backlog, tries = None, 0
+                await trio.sleep(tries * 0.5)
+
+    async def _with_retries(self, envelope: Envelope,
+                            send: Callable[[Envelope], Awaitable[None]]) -> None:
+        for attempt in range(1, MAX_TRIES + 1):
+            try:
+                await send(envelope)
+                self._record(envelope)
+                return
+            except (OSError, ttrpc.TtrpcError) as exc:
+                log.warning("publish %s failed (try %d/%d): %s", envelope.topic, attempt, MAX_TRIES, exc)
+                await trio.sleep(attempt * 0.5)
+        log.error("dropping event %s after %d tries", envelope.topic, MAX_TRIES)
 
     def _record(self, envelope: Envelope) -> None:
         self.published.append(envelope)

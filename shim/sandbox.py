@@ -35,7 +35,7 @@ from agent_client.grpc_client import GrpcAgent, connect_agent
 from agent_client.protocol import Agent, Storage
 from agent_client.transport import SerialTransport, VsockTransport, vsock_available
 from vmm.accel import detect_accel
-from vmm.config import NinePShare, SerialChannel, VmConfig, VsockChannel
+from vmm.config import DEFAULT_KERNEL_PARAMS, NinePShare, SerialChannel, VmConfig, VsockChannel
 from vmm.errors import VmmError
 from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
@@ -217,9 +217,12 @@ class VmSandbox:
             channel, param = SerialChannel(), "kata_py.channel=serial:agent"
         extra = (param, f"kata_py.log={'debug' if self.config.runtime.debug else 'info'}",
                  *h.kernel_params.split())
+        # the guest build knows the kernel arguments its initrd and kernel need
+        cmdline_file = guest / "cmdline"
+        base = tuple(cmdline_file.read_text().split()) if cmdline_file.is_file() else DEFAULT_KERNEL_PARAMS
         return VmConfig(
             state_dir=self.state_dir, kernel=guest / "vmlinux", initrd=guest / "initrd.img",
-            rootfs=guest / "rootfs.erofs", kernel_params_extra=extra, name=f"kata-py-{self.id[:16]}",
+            rootfs=guest / "rootfs.erofs", kernel_params=base, kernel_params_extra=extra, name=f"kata-py-{self.id[:16]}",
             machine=h.machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
             max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
             tb_size_mib=h.tb_size_mib, agent=channel, shared=NinePShare(self.shared_dir))
