@@ -30,7 +30,15 @@ if str(HERE) not in sys.path:
 import guest_image  # noqa: E402
 import guest_kernel  # noqa: E402
 import guest_rootfs  # noqa: E402
-from guest_common import digest_files, log, py_sources, remove_tree, source_date_epoch, staging_dir  # noqa: E402
+from guest_common import (  # noqa: E402
+    digest_files,
+    link_or_copy,
+    log,
+    py_sources,
+    remove_tree,
+    source_date_epoch,
+    staging_dir,
+)
 
 REPO = HERE.parents[1]
 DEFAULT_OUT_ROOT = Path("/var/cache/kata-py/guest")
@@ -120,7 +128,7 @@ def ensure_final(out_root: Path, bdir: Path, repo: Path, force: bool) -> Path:
             guest_image.build_rootfs(bdir, repo, tmp / "rootfs.erofs", work, mtime, fdir.name)
         finally:
             remove_tree(work)
-        os.link(bdir / "vmlinux", tmp / "vmlinux")  # hard link: the base may be pruned later
+        link_or_copy(bdir / "vmlinux", tmp / "vmlinux")  # a link survives pruning of the base
         (tmp / "cmdline").write_text(guest_image.KERNEL_CMDLINE + "\n")
         manifest = {
             "hash": fdir.name,

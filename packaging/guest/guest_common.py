@@ -79,11 +79,22 @@ def staging_dir(final: Path) -> Iterator[Path]:
     Same filesystem as `final`, so the rename is atomic: readers see the whole layer or none.
     """
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
     remove_tree(tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        remove_tree(final)  # a half-written leftover from a killed build
+        if final.exists():  # --force: swap the new layer in, then drop the old one
+            final.rename(old)
         tmp.rename(final)
     finally:
         remove_tree(tmp)
+        remove_tree(old)
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Hard link (no copy of a 66 MB kernel) unless src is on another filesystem."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)

@@ -94,7 +94,11 @@ def build(kpkg: KernelPackage, dest: Path) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="kata-py-kpkg-") as tmp:
         work = Path(tmp)
         log(f"downloading {kpkg.name} {kpkg.version}")
-        run(["apt-get", "download", "-q", f"{kpkg.name}={kpkg.version}"], cwd=work)
+        # Sandbox user root: _apt cannot write into our private temp dir.
+        run(
+            ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{kpkg.name}={kpkg.version}"],
+            cwd=work,
+        )
         (deb,) = work.glob("*.deb")
         pkg_root = work / "pkg"
         run(["dpkg-deb", "-x", deb, pkg_root])

@@ -188,3 +188,13 @@ def test_smoke_boot_reaches_python_on_erofs_root(image_dir: Path, tmp_path: Path
     assert "KATA_PY_SWITCH_ROOT" in text, text[-3000:]
     assert any(m in text for m in done), text[-3000:]
     print(f"boot to python marker: {elapsed:.2f}s (QEMU launch to console line)")
+
+
+def test_final_layer_is_reproducible(builder: ModuleType, image_dir: Path, manifest: dict) -> None:
+    """Rebuilding the final layer from the cached base gives byte-identical initrd and rootfs."""
+    bdir = image_dir.parent / f"base-{manifest['base_hash']}"
+    with tempfile.TemporaryDirectory(prefix="kata-py-guest-") as tmp:
+        fdir = builder.ensure_final(Path(tmp), bdir, REPO, force=False)
+        assert fdir.name == image_dir.name
+        for name in ("initrd.img", "rootfs.erofs", "vmlinux", "cmdline"):
+            assert (fdir / name).read_bytes() == (image_dir / name).read_bytes(), name
