@@ -149,3 +149,12 @@ def test_sigterm_kills_containers_and_leaves_nothing(agent_runtime_problems, tmp
     finally:
         a.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_reseed_and_time_input(agent: AgentProcess) -> None:
+    agent.stub.ReseedRandomDev(pb.ReseedRandomDevRequest(data=os.urandom(64)), timeout=RPC_TIMEOUT)
+    code, msg = _code(agent.stub.ReseedRandomDev, pb.ReseedRandomDevRequest())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # Only invalid times: a valid one would set this host's clock.
+    code, msg = _code(agent.stub.SetGuestDateTime, pb.SetGuestDateTimeRequest(sec=1, usec=2_000_000))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "usec" in msg
