@@ -131,8 +131,14 @@ class AgentProcess:
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(30)
-        finally:
+        except subprocess.TimeoutExpired:
             self.kill()
+            raise
+
+    def stderr(self) -> str:
+        """Everything the agent logged (after it has exited)."""
+        assert self.proc.stderr is not None and self.proc.poll() is not None
+        return self.proc.stderr.read().decode(errors="replace")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -194,7 +200,9 @@ def agent(request: pytest.FixtureRequest, agent_runtime_problems: dict[str, str]
         ]), timeout=RPC_TIMEOUT)
         yield a
         rc = a.stop()
-        assert rc == 0, a.proc.stderr
+        stderr = a.stderr()
+        assert rc == 0, stderr
+        assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
         assert a.runtime_list() == [], "runtime state left behind"
         assert not os.path.exists(os.path.join(_HOST_CGROUP2, "kata-py")), "cgroup left behind"
     finally:

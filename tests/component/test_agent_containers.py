@@ -136,3 +136,31 @@ def test_stats_from_cgroup2(agent: AgentProcess, agent_containers) -> None:
     cid = agent_containers("busy", ["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 1000"])
     stats = agent.stub.StatsContainer(pb.ContainerRequest(container_id=cid), timeout=RPC_TIMEOUT)
     assert stats.cpu.total_usage_ns > 0
+
+
+def test_terminal_output_survives_exit(agent: AgentProcess, agent_containers) -> None:
+    cid = agent_containers("ttylate", ["sh", "-c", "echo before-exit"], terminal=True)
+    assert _wait(agent, cid) == 0
+    assert b"before-exit" in _read(agent.stub.ReadStdout, cid)
+
+
+def test_exec_with_terminal_and_stdin(agent: AgentProcess, agent_containers) -> None:
+    cid = agent_containers("execio", ["sleep", "1000"])
+    cat = {"args": ["cat"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    agent.stub.ExecProcess(pb.ExecProcessRequest(container_id=cid, exec_id="cat", stdin=True,
+                                                 process_json=json.dumps(cat).encode()), timeout=RPC_TIMEOUT)
+    stream = agent.stub.ReadStdout(pb.ProcessRequest(container_id=cid, exec_id="cat"), timeout=RPC_TIMEOUT)
+    agent.stub.WriteStdin(pb.WriteStdinRequest(container_id=cid, exec_id="cat", data=b"exec-in\n"),
+                          timeout=RPC_TIMEOUT)
+    agent.stub.CloseStdin(pb.ProcessRequest(container_id=cid, exec_id="cat"), timeout=RPC_TIMEOUT)
+    assert b"".join(c.data for c in stream) == b"exec-in\n"
+    assert _wait(agent, cid, "cat") == 0
+
+    tty = {"args": ["sh", "-c", "read line; echo got-$line"], "env": ["PATH=/bin"], "cwd": "/",
+           "user": {"uid": 0, "gid": 0}}
+    agent.stub.ExecProcess(pb.ExecProcessRequest(container_id=cid, exec_id="tty", terminal=True, stdin=True,
+                                                 process_json=json.dumps(tty).encode()), timeout=RPC_TIMEOUT)
+    agent.stub.WriteStdin(pb.WriteStdinRequest(container_id=cid, exec_id="tty", data=b"abc\r"),
+                          timeout=RPC_TIMEOUT)
+    assert b"got-abc" in _read(agent.stub.ReadStdout, cid, "tty")
+    assert _wait(agent, cid, "tty") == 0
