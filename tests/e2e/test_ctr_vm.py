@@ -1,0 +1,185 @@
+"""`ctr` against a private containerd, with every container in a real TCG VM (issue #5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.containerd import RUNTIME, PrivateContainerd
+
+pytestmark = [pytest.mark.containerd, pytest.mark.vm]
+
+SANDBOX_ANN = ["--annotation", "io.kubernetes.cri.container-type=sandbox"]
+
+
+def qemu_pids(ctd: PrivateContainerd) -> list[int]:
+    """QEMU processes of this containerd's sandboxes (their state dir is under ctd.dir)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and str(ctd.kata_state).encode() in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def task_status(ctd: PrivateContainerd, cid: str) -> str:
+    for line in ctd.ctr("tasks", "ls").stdout.decode().splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] == cid:
+            return parts[-1]
+    return ""
+
+
+@pytest.fixture
+def busybox(containerd: PrivateContainerd) -> str:
+    return containerd.import_busybox()
+
+
+def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd, busybox: str):
+    result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, busybox, "rm1", "sh", "-c",
+                            "echo out-line; echo err-line >&2; uname -r; exit 7", check=False)
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 7, (out, err, containerd.log_tail())
+    assert "out-line" in out and "err-line" in err
+    # the container ran under the guest's kernel, not the host's
+    assert os.uname().release not in out or "6.1" in out
+    assert not qemu_pids(containerd)
+
+
+def test_stdin_is_piped_in_and_output_is_complete(containerd: PrivateContainerd, busybox: str):
+    data = b"".join(b"line %d of the input\n" % i for i in range(2000))
+    result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, busybox, "cat1", "cat", input=data)
+    assert result.stdout == data
+
+
+def test_tty(containerd: PrivateContainerd, busybox: str):
+    # ctr -t needs a terminal on its own stdin: run it under `script`
+    cmd = (f"ctr --address {containerd.address} --namespace kata-py-test run --rm -t --runtime {RUNTIME} "
+           f"{busybox} tty1 sh -c 'test -t 0 && echo is-a-tty; exit 0'")
+    result = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    assert b"is-a-tty" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0
+
+
+def test_long_running_task_exec_ps_metrics_pause_kill(containerd: PrivateContainerd, busybox: str):
+    ctd = containerd
+    ctd.ctr("run", "-d", "--runtime", RUNTIME, busybox, "svc", "sh", "-c",
+            "trap 'exit 42' TERM; while true; do sleep 0.2; done")
+    try:
+        wait_for(lambda: task_status(ctd, "svc") == "RUNNING", what="svc running")
+        exec_out = ctd.ctr("tasks", "exec", "--exec-id", "e1", "svc", "sh", "-c", "echo from-exec; exit 3",
+                           check=False)
+        assert exec_out.returncode == 3 and b"from-exec" in exec_out.stdout, exec_out
+        ps = ctd.ctr("tasks", "ps", "svc").stdout.decode()
+        assert len(ps.strip().splitlines()) >= 2, ps  # header + at least the init process
+        metrics = ctd.ctr("tasks", "metrics", "--format", "json", "svc").stdout.decode()
+        assert json.loads(metrics), metrics
+        ctd.ctr("tasks", "pause", "svc")
+        assert task_status(ctd, "svc") == "PAUSED"
+        ctd.ctr("tasks", "resume", "svc")
+        assert task_status(ctd, "svc") == "RUNNING"
+        ctd.ctr("tasks", "kill", "--signal", "SIGTERM", "svc")
+        wait_for(lambda: task_status(ctd, "svc") == "STOPPED", what="svc stopped")
+        ctd.ctr("tasks", "delete", "svc")
+    finally:
+        ctd.ctr("tasks", "delete", "-f", "svc", check=False)
+        ctd.ctr("containers", "delete", "svc", check=False)
+    wait_for(lambda: not qemu_pids(ctd), timeout=30, what="QEMU gone")
+
+
+def test_two_containers_of_one_sandbox_share_one_vm(containerd: PrivateContainerd, busybox: str):
+    ctd = containerd
+    ctd.ctr("run", "-d", "--runtime", RUNTIME, *SANDBOX_ANN, "--annotation", "io.kubernetes.cri.sandbox-id=pod1",
+            busybox, "pod1", "sleep", "600")
+    try:
+        wait_for(lambda: task_status(ctd, "pod1") == "RUNNING", what="sandbox running")
+        result = ctd.ctr("run", "--rm", "--runtime", RUNTIME,
+                         "--annotation", "io.kubernetes.cri.container-type=container",
+                         "--annotation", "io.kubernetes.cri.sandbox-id=pod1",
+                         busybox, "app1", "sh", "-c", "echo in-the-pod; exit 0")
+        assert b"in-the-pod" in result.stdout
+        assert len(qemu_pids(ctd)) == 1
+    finally:
+        ctd.ctr("tasks", "kill", "--signal", "SIGKILL", "pod1", check=False)
+        wait_for(lambda: task_status(ctd, "pod1") in ("STOPPED", ""), what="sandbox stopped")
+        ctd.ctr("tasks", "delete", "pod1", check=False)
+        ctd.ctr("containers", "delete", "pod1", check=False)
+    wait_for(lambda: not qemu_pids(ctd), timeout=30, what="QEMU gone")
+
+
+def test_qemu_dying_makes_the_task_exit_not_hang(containerd: PrivateContainerd, busybox: str):
+    ctd = containerd
+    ctd.ctr("run", "-d", "--runtime", RUNTIME, busybox, "doomed", "sleep", "600")
+    try:
+        wait_for(lambda: task_status(ctd, "doomed") == "RUNNING", what="running")
+        (pid,) = qemu_pids(ctd)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: task_status(ctd, "doomed") == "STOPPED", timeout=30, what="task stopped after QEMU died")
+    finally:
+        ctd.ctr("tasks", "delete", "-f", "doomed", check=False)
+        ctd.ctr("containers", "delete", "doomed", check=False)
+
+
+def test_killed_shim_is_cleaned_up_by_delete(containerd: PrivateContainerd, busybox: str):
+    ctd = containerd
+    ctd.ctr("run", "-d", "--runtime", RUNTIME, busybox, "orphan", "sleep", "600")
+    try:
+        wait_for(lambda: task_status(ctd, "orphan") == "RUNNING", what="running")
+        shims = [int(p) for p in filter(str.isdigit, os.listdir("/proc"))
+                 if b"-m\x00shim" in _cmdline(p) and b"-id\x00orphan" in _cmdline(p)]
+        assert shims, "shim process not found"
+        for shim_pid in shims:
+            os.kill(shim_pid, signal.SIGKILL)
+        # containerd notices the dead shim, runs our `delete`, which kills QEMU and cleans up
+        wait_for(lambda: not qemu_pids(ctd), timeout=30, what="QEMU cleaned up")
+        wait_for(lambda: task_status(ctd, "orphan") in ("STOPPED", ""), timeout=30, what="task stopped")
+    finally:
+        ctd.ctr("tasks", "delete", "-f", "orphan", check=False)
+        ctd.ctr("containers", "delete", "orphan", check=False)
+    assert not any((ctd.kata_state / "sandboxes").glob("*")) if (ctd.kata_state / "sandboxes").exists() else True
+
+
+def test_containerd_restart_reconnects_to_the_running_shim(containerd: PrivateContainerd, busybox: str):
+    ctd = containerd
+    ctd.ctr("run", "-d", "--runtime", RUNTIME, busybox, "survivor", "sh", "-c",
+            "trap 'exit 9' TERM; while true; do sleep 0.2; done")
+    try:
+        wait_for(lambda: task_status(ctd, "survivor") == "RUNNING", what="running")
+        ctd.stop()
+        ctd.start()
+        assert task_status(ctd, "survivor") == "RUNNING"
+        out = ctd.ctr("tasks", "exec", "--exec-id", "after", "survivor", "echo", "still-here")
+        assert b"still-here" in out.stdout
+        ctd.ctr("tasks", "kill", "survivor")
+        wait_for(lambda: task_status(ctd, "survivor") == "STOPPED", what="stopped after restart")
+    finally:
+        ctd.ctr("tasks", "delete", "-f", "survivor", check=False)
+        ctd.ctr("containers", "delete", "survivor", check=False)
+    wait_for(lambda: not qemu_pids(ctd), timeout=30, what="QEMU gone")
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
