@@ -54,6 +54,8 @@ from .errors import (
     Unimplemented,
 )
 from .process import Container
+from .resources.reconciler import Reconciler
+from .resources.sizing import ContainerResources, SandboxSizing, Target, calculate_sandbox
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,12 @@ class VmSandbox:
         self._stopped = False
         self.vm_exit: VmExit | None = None
         self.timings: dict[str, float] = {}
+        h = config.hypervisor
+        self.sizing = SandboxSizing(default_vcpus=h.default_vcpus, max_vcpus=h.max_vcpus,
+                                    default_memory_mib=h.default_memory_mib, max_memory_mib=h.max_memory_mib)
+        self.reconciler: Reconciler | None = None
+        self._reconciler_scope = trio.CancelScope()
+        self._containers: list[Container] = []  # the service's view, for the reconciler's provider
 
     # --- what the service uses ------------------------------------------------------------------
     @property
@@ -177,11 +185,27 @@ class VmSandbox:
         self._unshare_rootfs(container)
 
     async def resources_changed(self, containers: Iterable[Container]) -> None:
-        """Hook for the resource reconciler (VM sizing follows the containers)."""
+        """Resize the VM toward what its containers ask for; returns without waiting for it."""
+        self._containers = list(containers)
+        if self.reconciler is not None and self.vm_exit is None:
+            self.reconciler.request()
+
+    def target(self) -> Target:
+        """The VM size the running containers ask for (pure arithmetic in resources/sizing.py)."""
+        sized = []
+        for c in self._containers:
+            try:
+                res = ContainerResources.from_oci(c.spec.get("linux", {}).get("resources"))
+            except ValueError as exc:  # validated at Create/Update; never let sizing kill the pod
+                log.warning("container %s: resources ignored for sizing: %s", c.id, exc)
+                continue
+            sized.append((res, c.running()))
+        return calculate_sandbox(sized, self.sizing)
 
     async def stop(self) -> None:
         """Stop the VM and remove everything on the host. Idempotent."""
         self._stopped = True
+        self._reconciler_scope.cancel()
         if self._agent is not None:
             agent, self._agent = self._agent, None
             if self.vm_exit is None:
@@ -260,6 +284,11 @@ class VmSandbox:
                     hostname=socket.gethostname(), dns=(), sandbox_id=self.id, machine_id=uuid.uuid4().hex,
                     storages=[Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)])
             timer.mark("sandbox_create")
+            h = self.config.hypervisor
+            self.reconciler = Reconciler(self._vm, self._agent, vcpus=h.default_vcpus,
+                                         memory_mib=h.default_memory_mib, provider=self.target)
+            self._reconciler_scope = trio.CancelScope()
+            await self._nursery.start(self._run_reconciler, self.reconciler)
         except (VmmError, AgentError, ShimError, OSError) as exc:
             tail = self._vm.console_tail(2000) if self._vm else ""
             await self.stop()
@@ -269,6 +298,12 @@ class VmSandbox:
             raise Unavailable(f"sandbox {self.id}: VM start failed: {exc}\nconsole:\n{tail}") from exc
         self.timings = dict(timer.phases)
         timer.log(accel=accel.name, boot="cold")
+
+    async def _run_reconciler(self, reconciler: Reconciler, *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # owned by the sandbox: stop() cancels it before the VM goes away
+        with self._reconciler_scope:
+            await reconciler.run(task_status=task_status)
 
     def _on_vm_exit(self, info: VmExit) -> None:
         self.vm_exit = info
