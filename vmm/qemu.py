@@ -34,7 +34,7 @@ from vmm.errors import (
     VmStartError,
 )
 from vmm.hypervisor import ExitCallback, VmExit
-from vmm.qmp import QmpClient, open_qmp
+from vmm.qmp import QmpClient, open_qmp, try_connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +138,27 @@ class QemuHypervisor:
                 self._finish(VmExit(proc.returncode, reason))
 
     async def _hold_qmp(self, proc: trio.Process, *, task_status: trio.TaskStatus[QmpClient]) -> None:
-        sock = self.config.qmp_socket
+        path = self.config.qmp_socket
         deadline = trio.current_time() + self._start_timeout
-        with trio.move_on_at(deadline):
-            while not sock.exists():
+        with trio.move_on_at(deadline) as waiting:
+            while (sock := try_connect_unix(path)) is None:
                 if proc.returncode is not None:
                     raise VmStartError(f"QEMU exited with status {proc.returncode} during start",
                                        self.console_tail())
                 await trio.sleep(0.01)
-        if not sock.exists():
-            raise VmStartError(f"QMP socket {sock} not ready within {self._start_timeout} s", self.console_tail())
+        if sock is None or waiting.cancelled_caught:
+            raise VmStartError(f"QMP socket {path} not ready within {self._start_timeout} s", self.console_tail())
         try:
-            async with open_qmp(sock, connect_timeout=max(0.1, deadline - trio.current_time())) as qmp:
+            async with open_qmp(sock, connect_timeout=max(0.5, deadline - trio.current_time())) as qmp:
                 task_status.started(qmp)
                 await trio.sleep_forever()  # the session lives until _run cancels this task
         except QmpDisconnected as e:  # only open_qmp's connect raises it
+            # Usually QEMU listened, then died on a bad option/device: say that rather than "reset".
+            with trio.move_on_after(1.0):
+                await proc.wait()
+            if proc.returncode is not None:
+                raise VmStartError(f"QEMU exited with status {proc.returncode} during start",
+                                   self.console_tail()) from e
             raise VmStartError(f"QMP connection failed: {e}", self.console_tail()) from e
 
     async def _kill_on_qmp_eof(self, proc: trio.Process, qmp: QmpClient) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from vmm.errors import QmpDisconnected, QmpError, QmpTimeout
 
 DEFAULT_COMMAND_TIMEOUT = 30.0
 DISCONNECT_TIMEOUT = 2.0
+CONNECT_RETRY_INTERVAL = 0.01
 
 
 @dataclass(frozen=True)
@@ -184,24 +186,26 @@ class QmpClient:
 
 
 @asynccontextmanager
-async def open_qmp(path: str | os.PathLike[str], *, connect_timeout: float = 5.0) -> AsyncIterator[QmpClient]:
-    """Connect to a QMP unix socket, negotiate capabilities, and yield a QmpClient.
+async def open_qmp(
+    target: str | os.PathLike[str] | socket.socket, *, connect_timeout: float = 5.0
+) -> AsyncIterator[QmpClient]:
+    """Connect to QMP (a unix socket path, retried until it listens, or a connected socket, which
+    is then owned by the client), negotiate capabilities, and yield a QmpClient.
 
     Opens (and owns) the trio-asyncio loop the bridge needs, plus one nursery holding the event pump
-    and the link watcher. Raises QmpDisconnected if the connection cannot be made in time.
+    and the link watcher. Raises QmpDisconnected if the session cannot be set up in time.
     """
+    name = "fd" if isinstance(target, socket.socket) else os.fspath(target)
     async with trio_asyncio.open_loop() as loop:
-        raw = QMPClient(f"qmp:{os.fspath(path)}")
+        raw = QMPClient("vmm")
         try:
             with trio.fail_after(connect_timeout):
-                await trio_asyncio.aio_as_trio(raw.connect)(os.fspath(path))
+                sock = target if isinstance(target, socket.socket) else await _connect_when_listening(name)
+                await trio_asyncio.aio_as_trio(raw.connect, loop=loop)(sock)
         except (trio.TooSlowError, QMPError, OSError) as e:
-            with trio.CancelScope(shield=True):
-                try:
-                    await trio_asyncio.aio_as_trio(raw.disconnect)()
-                except (QMPError, OSError, EOFError):
-                    pass
-            raise QmpDisconnected(f"cannot connect to QMP at {os.fspath(path)}: {e!r}") from e
+            if isinstance(target, socket.socket):
+                target.close()
+            raise QmpDisconnected(f"cannot connect to QMP at {name}: {e!r}") from e
         client = QmpClient(raw, loop)
         try:
             async with trio.open_nursery() as nursery:
@@ -213,3 +217,35 @@ async def open_qmp(path: str | os.PathLike[str], *, connect_timeout: float = 5.0
                     nursery.cancel_scope.cancel()
         finally:
             await client.aclose()
+
+
+
+
+
+def try_connect_unix(path: str | os.PathLike[str]) -> socket.socket | None:
+    """One attempt to connect to a unix socket; None while nobody listens there yet.
+
+    QEMU creates the socket file (bind) a moment before it listens, and leaves it behind when
+    killed, so the file existing says little. Connecting ourselves (instead of retrying qemu.qmp's
+    connect(), which logs each refusal at ERROR level) and handing over the socket keeps logs
+    honest. A unix-socket connect never blocks, so no thread is needed.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        sock.connect(os.fspath(path))
+        return sock
+    except (ConnectionRefusedError, FileNotFoundError, BlockingIOError):
+        sock.close()
+        return None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _connect_when_listening(path: str) -> socket.socket:
+    while True:  # polling: there is no event for "a peer started listening"
+        sock = try_connect_unix(path)
+        if sock is not None:
+            return sock
+        await trio.sleep(CONNECT_RETRY_INTERVAL)

@@ -96,7 +96,7 @@ async def test_kill_9_is_noticed_and_pending_calls_fail(vm: QemuHypervisor) -> N
 async def test_start_failure_reports_console_tail(state_dir: Path, nursery: trio.Nursery) -> None:
     cfg = paused_config(state_dir, rootfs=state_dir / "missing.img")
     hv = QemuHypervisor(cfg, accel=TCG)
-    with pytest.raises(VmStartError) as info:
+    with trio.fail_after(5), pytest.raises(VmStartError, match="QEMU exited with status 1") as info:
         await hv.start(nursery)
     assert "missing.img" in info.value.console_tail
     assert hv.exited.is_set() and hv.exit_info is not None and hv.exit_info.reason == "start-failed"
