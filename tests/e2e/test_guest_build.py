@@ -63,6 +63,19 @@ def image_dir() -> Path:
     return d
 
 
+def _settled_build(builder: ModuleType) -> tuple[Path, float]:
+    """Build until agent/ stops changing between the build and our recomputation of its hash.
+
+    Other helpers edit agent/ while these tests run; in CI the first attempt always settles.
+    """
+    for _ in range(3):
+        d, secs = _build()
+        manifest = json.loads((d / "manifest.json").read_text())
+        if builder.final_hash(manifest["base_hash"]) == d.name:
+            return d, secs
+    pytest.fail("agent/ or protos/ sources kept changing during the build")
+
+
 @pytest.fixture(scope="module")
 def manifest(image_dir: Path) -> dict:
     return json.loads((image_dir / "manifest.json").read_text())
@@ -103,23 +116,32 @@ def test_current_points_at_the_build(image_dir: Path) -> None:
     assert current.resolve() == image_dir.resolve()
 
 
-def test_manifest_hash_matches_recomputation(builder: ModuleType, image_dir: Path, manifest: dict) -> None:
+def test_manifest_hash_matches_recomputation(builder: ModuleType, manifest: dict) -> None:
     base = builder.base_hash(builder.base_inputs())
     assert base == manifest["base_hash"]
-    # Other helpers edit agent/ concurrently: compare the recorded inputs first for a clear message.
+    d, _ = _settled_build(builder)
+    manifest = json.loads((d / "manifest.json").read_text())
     assert builder.final_inputs(base) == manifest["inputs"]
-    assert builder.final_hash(base) == manifest["hash"] == image_dir.name
+    assert builder.final_hash(base) == manifest["hash"] == d.name
 
 
-def test_warm_build_reuses_the_cache(image_dir: Path) -> None:
+def test_warm_build_reuses_the_cache(builder: ModuleType) -> None:
+    first, _ = _settled_build(builder)
     again, secs = _build()
     print(f"warm guest build: {secs:.1f}s")
-    assert again == image_dir
+    if again != first:  # sources changed in between: one more try
+        first, _ = _settled_build(builder)
+        again, secs = _build()
+    assert again == first
     assert secs < 30
 
 
-def test_final_hash_tracks_agent_sources_not_base(builder: ModuleType, tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
+def test_final_hash_tracks_agent_sources_not_base(builder: ModuleType) -> None:
+    with tempfile.TemporaryDirectory(prefix="kata-py-repo-") as tmp:
+        _check_final_hash_tracks_sources(builder, Path(tmp) / "repo")
+
+
+def _check_final_hash_tracks_sources(builder: ModuleType, repo: Path) -> None:
     for pkg in ("agent", "protos"):
         shutil.copytree(REPO / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     inputs = builder.base_inputs()
@@ -151,11 +173,22 @@ def test_rootfs_has_agent_and_importable_grpc(extracted_root: Path) -> None:
 
 
 @pytest.mark.vm
-def test_smoke_boot_reaches_python_on_erofs_root(image_dir: Path, tmp_path: Path) -> None:
+def test_smoke_boot_reaches_python_on_erofs_root(image_dir: Path) -> None:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("no qemu-system-x86_64")
-    console = tmp_path / "console.log"
+    with tempfile.TemporaryDirectory(prefix="kata-py-boot-") as tmp:
+        _smoke_boot(qemu, image_dir, Path(tmp) / "console.log")
+
+
+def _image_has(image_dir: Path, path: str) -> bool:
+    out = subprocess.run(
+        ["dump.erofs", f"--path={path}", image_dir / "rootfs.erofs"], capture_output=True, text=True
+    )
+    return out.returncode == 0 and f"File : {path}" in out.stdout
+
+
+def _smoke_boot(qemu: str, image_dir: Path, console: Path) -> None:
     cmdline = (image_dir / "cmdline").read_text().strip() + " kata_py.channel=serial:agent"
     argv = [
         qemu, "-machine", "q35", "-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max", "-m", "512M",
@@ -165,7 +198,7 @@ def test_smoke_boot_reaches_python_on_erofs_root(image_dir: Path, tmp_path: Path
         "-drive", f"file={image_dir / 'rootfs.erofs'},if=none,id=root,format=raw,readonly=on",
         "-device", "virtio-blk-pci,drive=root",
     ]  # fmt: skip
-    has_main = (REPO / "agent" / "__main__.py").exists()
+    has_main = _image_has(image_dir, "/opt/kata-py/agent/__main__.py")
     # With an agent entry point the agent must announce itself; without one (agent still being
     # written), python3's own "No module named agent.__main__" proves it ran from the erofs root.
     done = ("KATA_PY_AGENT_START",) if has_main else ("KATA_PY_AGENT_START", "/usr/bin/python3:")
@@ -190,8 +223,10 @@ def test_smoke_boot_reaches_python_on_erofs_root(image_dir: Path, tmp_path: Path
     print(f"boot to python marker: {elapsed:.2f}s (QEMU launch to console line)")
 
 
-def test_final_layer_is_reproducible(builder: ModuleType, image_dir: Path, manifest: dict) -> None:
+def test_final_layer_is_reproducible(builder: ModuleType) -> None:
     """Rebuilding the final layer from the cached base gives byte-identical initrd and rootfs."""
+    image_dir, _ = _settled_build(builder)
+    manifest = json.loads((image_dir / "manifest.json").read_text())
     bdir = image_dir.parent / f"base-{manifest['base_hash']}"
     with tempfile.TemporaryDirectory(prefix="kata-py-guest-") as tmp:
         fdir = builder.ensure_final(Path(tmp), bdir, REPO, force=False)
