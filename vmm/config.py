@@ -39,8 +39,7 @@ DEFAULT_KERNEL_PARAMS: tuple[str, ...] = (
     "i8042.nopnp",
     "i8042.dumbkbd",
     "cryptomgr.notests",
-    "rdinit=/init",
-    "rootfstype=erofs",
+    "rdinit=/init",  # the initrd's /init mounts the erofs root itself
 )
 
 

@@ -14,7 +14,8 @@ import os
 import shlex
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +197,11 @@ class QemuHypervisor:
         if self._state is _State.NEW:
             self._finish(VmExit(None, "stopped"))
             return
-        self._stopping = True
         async with self._stop_lock:
+            if self._proc is not None and self._proc.returncode is None:
+                # Only a stop that finds QEMU alive makes the exit "expected": one that comes
+                # after a crash must not relabel it.
+                self._stopping = True
             steps: list[tuple[str, Callable[[], Awaitable[None]], float]] = []
             if self._powerdown_timeout > 0:
                 steps.append(("powerdown", self._qmp_command("system_powerdown"), self._powerdown_timeout))
@@ -436,16 +440,15 @@ class QemuHypervisor:
         """Pause the VM and migrate its state into ``state_path`` (QEMU 7.2 has no file: URI, so
         exec:cat). ``ignore_shared`` (template VMs whose RAM is a shared file) leaves RAM out.
 
-        The VM stays paused afterwards. Raises MigrationError, VmNotRunning.
+        The VM stays paused afterwards. Raises MigrationError (also when QEMU dies meanwhile),
+        VmNotRunning.
         """
         qmp = self._require_qmp()
-        try:
+        with self._migration_errors("cannot save snapshot"):
             await self._set_ignore_shared(qmp, ignore_shared)
             await qmp.execute("stop")
             await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_path))}"})
-        except QmpError as e:
-            raise MigrationError(f"cannot save snapshot: {e}") from e
-        await self._wait_migration(qmp, timeout)
+            await self._wait_migration(qmp, timeout)
 
     async def restore_snapshot(self, state_path: Path, *, ignore_shared: bool = False, resume: bool = True,
                                timeout: float = 60) -> None:
@@ -457,17 +460,24 @@ class QemuHypervisor:
         qmp = self._require_qmp()
         if not await trio.Path(state_path).is_file():
             raise MigrationError(f"snapshot {state_path} does not exist")
-        try:
+        with self._migration_errors("cannot restore snapshot"):
             await self._set_ignore_shared(qmp, ignore_shared)
             await qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_path))}"})
+            await self._wait_migration(qmp, timeout)
+            if resume:
+                # The source was paused before saving, so the clone arrives paused too.
+                status = await qmp.execute("query-status")
+                if not status.get("running"):
+                    await qmp.execute("cont")
+
+    @contextmanager
+    def _migration_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
         except QmpError as e:
-            raise MigrationError(f"cannot restore snapshot: {e}") from e
-        await self._wait_migration(qmp, timeout)
-        if resume:
-            # The source was paused before saving, so the clone arrives paused too.
-            status = await qmp.execute("query-status")
-            if not status.get("running"):
-                await qmp.execute("cont")
+            raise MigrationError(f"{what}: {e}") from e
+        except QmpDisconnected as e:
+            raise MigrationError(f"{what}: QEMU went away during migration\n{self.console_tail()}") from e
 
     async def _set_ignore_shared(self, qmp: QmpClient, on: bool) -> None:
         if on:
@@ -487,8 +497,6 @@ class QemuHypervisor:
                     await trio.sleep(MIGRATION_POLL)
         except trio.TooSlowError:
             raise MigrationError(f"migration not completed within {timeout} s") from None
-        except QmpDisconnected as e:
-            raise MigrationError(f"QEMU went away during migration\n{self.console_tail()}") from e
 
 
 def _slot_key(slot: dict[str, Any]) -> tuple[int, ...]:

@@ -186,3 +186,21 @@ async def test_snapshot_save_and_restore(state_dir: Path, nursery: trio.Nursery)
         assert (await clone.qmp.execute("query-status"))["status"] != "running"
     finally:
         await clone.stop()
+
+
+async def test_qemu_dying_during_snapshot_is_a_migration_error(state_dir: Path, nursery: trio.Nursery) -> None:
+    hv = QemuHypervisor(paused_config(state_dir), accel=TCG)
+    await hv.start(nursery)
+    pid = hv.pid()
+    assert pid is not None
+
+    async def kill_soon() -> None:
+        await trio.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    os.kill(pid, signal.SIGSTOP)  # QEMU stops answering mid-operation
+    nursery.start_soon(kill_soon)
+    with trio.fail_after(5), pytest.raises(MigrationError, match="QEMU went away"):
+        await hv.save_snapshot(state_dir / "vm.state")
+    await hv.stop()
+    assert hv.exit_info == VmExit(-signal.SIGKILL, "exited")
