@@ -30,6 +30,7 @@ class FakeHypervisor:
         self.vcpus = config.vcpus
         self.memory_mib = config.memory_mib
         self.snapshot: dict[str, int] | None = None
+        self.console = ""  # what console_tail() returns
         self._fake_pid = fake_pid
         self._started = False
         self._port_open = trio.Event()
@@ -91,6 +92,9 @@ class FakeHypervisor:
 
     def pid(self) -> int | None:
         return self._fake_pid if self._started and not self.exited.is_set() else None
+
+    def console_tail(self, max_bytes: int = 4096) -> str:
+        return self.console[-max_bytes:]
 
     async def vcpu_thread_ids(self) -> list[int]:
         self._require_running()

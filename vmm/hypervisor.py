@@ -58,6 +58,9 @@ class Hypervisor(Protocol):
     def pid(self) -> int | None:
         """QEMU's pid while it runs, else None."""
 
+    def console_tail(self, max_bytes: int = 4096) -> str:
+        """The end of the guest console / QEMU stderr log, for error messages."""
+
     async def vcpu_thread_ids(self) -> list[int]:
         """Host thread ids of the present vCPUs (for cgroup placement). Raises VmNotRunning."""
 

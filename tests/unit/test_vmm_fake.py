@@ -33,6 +33,8 @@ async def test_lifecycle_and_exit_reporting(nursery: trio.Nursery) -> None:
 async def test_start_failure(nursery: trio.Nursery) -> None:
     hv = FakeHypervisor(CFG)
     hv.fail_start = "kernel panic"
+    hv.console = "x" * 10 + "end"
+    assert hv.console_tail(3) == "end"
     with pytest.raises(VmStartError) as info:
         await hv.start(nursery)
     assert info.value.console_tail == "kernel panic"
