@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from vmm.accel import AccelChoice
-from vmm.config import VmConfig
+from vmm.config import RamFile, VmConfig
 from vmm.errors import HotplugError, MigrationError, VmNotRunning, VmStartError
 from vmm.hypervisor import Hypervisor, VmExit
 from vmm.qemu import QemuHypervisor
@@ -204,3 +204,34 @@ async def test_qemu_dying_during_snapshot_is_a_migration_error(state_dir: Path, 
         await hv.save_snapshot(state_dir / "vm.state")
     await hv.stop()
     assert hv.exit_info == VmExit(-signal.SIGKILL, "exited")
+
+
+async def test_template_and_clone_with_ignore_shared(state_dir: Path, nursery: trio.Nursery) -> None:
+    # Kata's VM-template idea (guest-notes): the template's RAM is a shared file, left out of the
+    # state file; a clone maps the same file privately and loads only the device state.
+    ram = state_dir / "template.ram"
+    template_cfg = paused_config(state_dir / "t", ram_file=RamFile(ram, share=True))
+    template = QemuHypervisor(template_cfg, accel=TCG)
+    await template.start(nursery)
+    await template.save_snapshot(state_dir / "t.state", ignore_shared=True)
+    await template.stop()
+    assert (state_dir / "t.state").stat().st_size < 4 << 20  # RAM (256 MiB) not in the file
+
+    clone_cfg = replace(template_cfg, state_dir=state_dir / "c", ram_file=RamFile(ram, share=False),
+                        start_paused=False, incoming_defer=True)
+    clone = QemuHypervisor(clone_cfg, accel=TCG)
+    await clone.start(nursery)
+    try:
+        await clone.restore_snapshot(state_dir / "t.state", ignore_shared=True, resume=False)
+        assert (await clone.qmp.execute("query-migrate"))["status"] == "completed"
+    finally:
+        await clone.stop()
+
+
+async def test_lost_qmp_link_kills_the_unmanageable_qemu(vm: QemuHypervisor) -> None:
+    pid = vm.pid()
+    await vm.qmp.aclose()  # QEMU lives on, but nothing can manage it any more
+    with trio.fail_after(5):
+        assert await vm.wait_exited() == -signal.SIGKILL
+    assert vm.exit_info is not None and vm.exit_info.reason == "qmp-eof"
+    assert pid is not None and not alive(pid)
