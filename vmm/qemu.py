@@ -85,6 +85,7 @@ class QemuHypervisor:
         self._qmp: QmpClient | None = None
         self._stopping = False
         self._qmp_lost = False
+        self._start_scope = trio.CancelScope()  # stop() during start cancels the start phase
         self._stop_lock = trio.Lock()  # one escalation at a time; later callers find it done
         self._resize_lock = trio.Lock()  # guards read-modify-write of the hotplug slots
 
@@ -120,7 +121,10 @@ class QemuHypervisor:
         reason = "start-failed"
         try:
             async with trio.open_nursery() as inner:
-                self._qmp = await inner.start(self._hold_qmp, proc)
+                with self._start_scope:
+                    self._qmp = await inner.start(self._hold_qmp, proc)
+                if self._start_scope.cancelled_caught:
+                    raise VmStartError("stop() was called while the VM was starting", self.console_tail())
                 self._state = _State.RUNNING
                 reason = "exited"
                 task_status.started()
@@ -192,11 +196,15 @@ class QemuHypervisor:
         """Escalate until QEMU is gone: [ACPI powerdown] → QMP quit → SIGTERM → SIGKILL.
 
         Each step gets a share of ``timeout``. Idempotent and safe to call concurrently; a VM
-        never started is simply marked exited. Does not raise VmmError.
+        never started is simply marked exited; one still starting has its start() fail with
+        VmStartError. Does not raise VmmError.
         """
         if self._state is _State.NEW:
             self._finish(VmExit(None, "stopped"))
             return
+        if self._state is _State.STARTING:
+            self._stopping = True
+            self._start_scope.cancel()  # start() then fails with VmStartError; _run kills QEMU
         async with self._stop_lock:
             if self._proc is not None and self._proc.returncode is None:
                 # Only a stop that finds QEMU alive makes the exit "expected": one that comes

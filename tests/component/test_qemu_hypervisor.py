@@ -235,3 +235,26 @@ async def test_lost_qmp_link_kills_the_unmanageable_qemu(vm: QemuHypervisor) -> 
         assert await vm.wait_exited() == -signal.SIGKILL
     assert vm.exit_info is not None and vm.exit_info.reason == "qmp-eof"
     assert pid is not None and not alive(pid)
+
+
+async def test_stop_during_start_aborts_the_start(state_dir: Path) -> None:
+    hv = QemuHypervisor(paused_config(state_dir), accel=TCG)
+    pids: list[int] = []
+
+    async def starter(nursery: trio.Nursery) -> None:
+        with pytest.raises(VmStartError, match="while the VM was starting"):
+            await hv.start(nursery)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as owner:
+            owner.start_soon(starter, owner)
+            while True:  # polling: the launch has no event of its own
+                pid = hv.pid()
+                if pid is not None:
+                    break
+                await trio.sleep(0.001)
+            pids.append(pid)
+            os.kill(pid, signal.SIGSTOP)  # QEMU hangs before listening: the start cannot finish
+            await hv.stop(timeout=2)
+    assert not alive(pids[0])
+    assert hv.exit_info is not None and hv.exit_info.reason == "start-failed"
