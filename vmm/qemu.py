@@ -94,17 +94,22 @@ class QemuHypervisor:
         """Launch QEMU and connect QMP; the watcher lives in ``nursery``.
 
         Raises VmStartError (console tail attached) if QEMU fails to launch or QMP does not come up
-        within start_timeout; InvalidVmConfig for a bad config; VmmError if called twice.
+        within start_timeout, or the state dir cannot be prepared; InvalidVmConfig for a bad config
+        (the VM stays unstarted); VmmError if called twice.
         """
         if self._state is not _State.NEW:
             raise VmmError(f"start() called on a VM in state {self._state.value}")
-        self._state = _State.STARTING
         cfg = self.config
-        argv = build_argv(cfg, self.accel_choice, self._qemu_binary)
-        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for stale in (cfg.qmp_socket, cfg.agent_socket, cfg.pid_file):
-            if stale is not None:
-                stale.unlink(missing_ok=True)  # left by a QEMU that was SIGKILLed
+        argv = build_argv(cfg, self.accel_choice, self._qemu_binary)  # before any state change
+        self._state = _State.STARTING
+        try:
+            cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for stale in (cfg.qmp_socket, cfg.agent_socket, cfg.pid_file):
+                if stale is not None:
+                    stale.unlink(missing_ok=True)  # left by a QEMU that was SIGKILLed
+        except OSError as e:
+            self._finish(VmExit(None, "start-failed"))
+            raise VmStartError(f"cannot prepare state dir {cfg.state_dir}: {e}") from e
         await nursery.start(self._run, argv)
 
     async def _run(self, argv: list[str], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
