@@ -27,6 +27,7 @@ MODULES = (
     "virtio_net",
     "vmw_vsock_virtio_transport",  # vsock agent channel
     "virtio_mem",  # memory resize
+    "virtio_rng",  # host entropy (vmm attaches virtio-rng-pci); vmgenid is built in (=y)
 )
 
 _XZ_MAGIC = b"\xfd7zXZ\x00"
