@@ -45,6 +45,8 @@ def _open_log(bundle: str, debug: bool) -> None:
 async def serve(args: ShimArgs, grouping: str, listen_fd: int | None) -> None:
     config = load_config(args.config_path or None)
     if listen_fd is not None:
+        # not inherited by QEMU: a listening socket held by a child would make a dead shim look alive
+        os.set_inheritable(listen_fd, False)
         sock = socket.socket(fileno=listen_fd)
     else:  # started by hand / tests: bind ourselves
         sock = ttrpc.bind_unix_socket(socket_path(socket_address(args.address, args.namespace, grouping,

@@ -132,6 +132,7 @@ class VmSandbox:
         self._start_lock = trio.Lock()
         self._stopped = False
         self.vm_exit: VmExit | None = None
+        self.vm_exited = trio.Event()  # set once the VM is gone, whyever
         self.timings: dict[str, float] = {}
         h = config.hypervisor
         self.sizing = SandboxSizing(default_vcpus=h.default_vcpus, max_vcpus=h.max_vcpus,
@@ -234,19 +235,16 @@ class VmSandbox:
 
     def vm_config(self, guest: Path) -> VmConfig:
         h = self.config.hypervisor
-        if vsock_available():
-            channel: SerialChannel | VsockChannel = VsockChannel(guest_cid=_guest_cid(self.id))
-            param = "kata_py.channel=vsock:1024"
-        else:
-            channel, param = SerialChannel(), "kata_py.channel=serial:agent"
-        extra = (param, f"kata_py.log={'debug' if self.config.runtime.debug else 'info'}",
-                 *h.kernel_params.split())
+        # vmm adds the agent channel and log level keys to the kernel command line itself
+        channel: SerialChannel | VsockChannel = (
+            VsockChannel(guest_cid=_guest_cid(self.id)) if vsock_available() else SerialChannel())
         # the guest build knows the kernel arguments its initrd and kernel need
         cmdline_file = guest / "cmdline"
         base = tuple(cmdline_file.read_text().split()) if cmdline_file.is_file() else DEFAULT_KERNEL_PARAMS
         return VmConfig(
             state_dir=self.state_dir, kernel=guest / "vmlinux", initrd=guest / "initrd.img",
-            rootfs=guest / "rootfs.erofs", kernel_params=base, kernel_params_extra=extra, name=f"kata-py-{self.id[:16]}",
+            rootfs=guest / "rootfs.erofs", kernel_params=base, kernel_params_extra=tuple(h.kernel_params.split()),
+            guest_log_level="debug" if self.config.runtime.debug else "info", name=f"kata-py-{self.id[:16]}",
             machine=h.machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
             max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
             tb_size_mib=h.tb_size_mib, agent=channel, shared=NinePShare(self.shared_dir))
@@ -307,6 +305,7 @@ class VmSandbox:
 
     def _on_vm_exit(self, info: VmExit) -> None:
         self.vm_exit = info
+        self.vm_exited.set()
         if not info.expected:
             tail = self._vm.console_tail(1500) if self._vm else ""
             log.error("sandbox %s: VM died (%s, rc=%s); console tail:\n%s", self.id, info.reason,

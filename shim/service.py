@@ -98,6 +98,7 @@ class TaskService:
         def adapt(fn: Callable[[Any], Awaitable[Message]]) -> Callable[[ttrpc.RequestContext, Any],
                                                                        Awaitable[Message]]:
             async def handler(ctx: ttrpc.RequestContext, request: Any) -> Message:
+                log.debug("%s %s", ctx.method, getattr(request, "id", ""))
                 return await fn(request)
             return handler
 
@@ -155,29 +156,33 @@ class TaskService:
         return pb.StartResponse(pid=proc.pid)
 
     async def _watch(self, container: Container, proc: Process) -> None:
-        """Pump a process's output and record its exit once all output is delivered."""
+        """Pump a process's stdio and record its exit once all its output is delivered."""
         agent = self.sandbox.agent
         status = LOST_EXIT_STATUS
-        try:
-            async with trio.open_nursery() as pumps:
-                # stdout is drained even with nowhere to copy it: a full guest pipe would block the process
-                pumps.start_soon(pump_output, agent.read_stdout(container.id, proc.exec_id),
-                                 proc.stdio, "stdout")
-                if not proc.terminal:
-                    pumps.start_soon(pump_output, agent.read_stderr(container.id, proc.exec_id),
-                                     proc.stdio, "stderr")
-                if proc.stdio.has_stdin:
-                    pumps.start_soon(self._pump_stdin, agent, container.id, proc)
-                try:
-                    async with agent_errors():
-                        status = await agent.wait_process(container.id, proc.exec_id)
-                except Exception as exc:  # the VM or agent is gone: the process is lost
-                    log.warning("%s: wait failed: %s", proc.name, exc)
-                    pumps.cancel_scope.cancel()
-                # output keeps flowing after exit; give it a bounded time to reach containerd
-                pumps.cancel_scope.deadline = trio.current_time() + OUTPUT_DRAIN_S
-        except Exception as exc:
-            log.warning("%s: output pump failed: %s", proc.name, exc)
+        async with trio.open_nursery() as stdin_pump:
+            if proc.stdio.has_stdin:
+                stdin_pump.start_soon(self._pump_stdin, agent, container.id, proc)
+            try:
+                async with trio.open_nursery() as pumps:
+                    # stdout is drained even with nowhere to copy it: a full guest pipe blocks the process
+                    pumps.start_soon(pump_output, agent.read_stdout(container.id, proc.exec_id),
+                                     proc.stdio, "stdout")
+                    if not proc.terminal:
+                        pumps.start_soon(pump_output, agent.read_stderr(container.id, proc.exec_id),
+                                         proc.stdio, "stderr")
+                    try:
+                        async with agent_errors():
+                            status = await agent.wait_process(container.id, proc.exec_id)
+                    except Exception as exc:  # the VM or agent is gone: the process is lost
+                        log.warning("%s: wait failed: %s", proc.name, exc)
+                        pumps.cancel_scope.cancel()
+                    # output keeps flowing after exit; give it a bounded time to reach containerd
+                    pumps.cancel_scope.deadline = trio.current_time() + OUTPUT_DRAIN_S
+            except Exception as exc:
+                log.warning("%s: output pump failed: %s", proc.name, exc)
+            # nobody reads stdin after exit; containerd may never send CloseIO (ctr doesn't when its
+            # input ended before the task existed), so don't wait for it
+            stdin_pump.cancel_scope.cancel()
         async with proc.start_lock:  # never publish an exit before the start event
             if proc.set_exited(status):
                 self.publisher.publish(ev.TaskExit(

@@ -140,6 +140,7 @@ async def pump_stdin(io: HostStdio, write: Callable[[bytes], Awaitable[int]],
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
+                log.debug("stdin: EOF")
                 break
             view = memoryview(data)
             while view:

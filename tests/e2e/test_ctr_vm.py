@@ -67,8 +67,20 @@ def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainer
 
 def test_stdin_is_piped_in_and_output_is_complete(containerd: PrivateContainerd, busybox: str):
     data = b"".join(b"line %d of the input\n" % i for i in range(2000))
-    result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, busybox, "cat1", "cat", input=data)
-    assert result.stdout == data
+    cmd = ["ctr", "--address", containerd.address, "--namespace", "kata-py-test", "run", "--rm",
+           "--runtime", RUNTIME, busybox, "cat1", "cat"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # ctr only sends CloseIO for an EOF it reads after NewTask returned (its closer is set then):
+        # feed stdin once the task runs, as an interactive user would
+        wait_for(lambda: task_status(containerd, "cat1") == "RUNNING", timeout=180, what="cat1 running")
+        out, err = proc.communicate(data, timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out == data
 
 
 def test_tty(containerd: PrivateContainerd, busybox: str):
@@ -150,13 +162,15 @@ def test_killed_shim_is_cleaned_up_by_delete(containerd: PrivateContainerd, busy
         assert shims, "shim process not found"
         for shim_pid in shims:
             os.kill(shim_pid, signal.SIGKILL)
-        # containerd notices the dead shim, runs our `delete`, which kills QEMU and cleans up
+        # QEMU dies with its shim; containerd notices the dead shim and runs our `delete`
         wait_for(lambda: not qemu_pids(ctd), timeout=30, what="QEMU cleaned up")
         wait_for(lambda: task_status(ctd, "orphan") in ("STOPPED", ""), timeout=30, what="task stopped")
     finally:
         ctd.ctr("tasks", "delete", "-f", "orphan", check=False)
         ctd.ctr("containers", "delete", "orphan", check=False)
-    assert not any((ctd.kata_state / "sandboxes").glob("*")) if (ctd.kata_state / "sandboxes").exists() else True
+    sandboxes = ctd.kata_state / "sandboxes"
+    wait_for(lambda: not sandboxes.exists() or not any(sandboxes.iterdir()), timeout=30,
+             what=f"our `delete` action to remove the dead sandbox's state in {sandboxes}")
 
 
 def test_containerd_restart_reconnects_to_the_running_shim(containerd: PrivateContainerd, busybox: str):

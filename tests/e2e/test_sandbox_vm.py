@@ -117,8 +117,7 @@ async def test_qemu_killed_mid_run_is_reported_not_a_hang(tmp_path: Path, state_
             assert "Unavailable" in type(failure.value).__name__ or "closed" in str(failure.value).lower() \
                 or isinstance(failure.value, ShimError), repr(failure.value)
             with trio.fail_after(10):  # and the watcher reports the VM's death
-                while sandbox.vm_exit is None:
-                    await trio.sleep(0.05)
+                await sandbox.vm_exited.wait()
             assert not sandbox.vm_exit.expected, sandbox.vm_exit
         finally:
             with trio.CancelScope(shield=True):
