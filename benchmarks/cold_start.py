@@ -177,7 +177,7 @@ async def boot_once(index: int, work: Path, settle: float) -> Boot:
         console = ConsoleWatcher(sandbox.state_dir / "console.log", t0)
         nursery.start_soon(console.run)
         try:
-            await sandbox.start()
+            await sandbox.start({"hostname": f"bench-{index}"})
             mark("sandbox ready (CreateSandbox)")
             result.times.update(sandbox_phase_times(sandbox.timings))
             before = trio.current_time()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -34,7 +33,7 @@ from agent_client.errors import (
 from agent_client.grpc_client import GrpcAgent, connect_agent
 from agent_client.protocol import Agent, Storage
 from agent_client.transport import SerialTransport, VsockTransport, vsock_available
-from vmm.accel import detect_accel
+from vmm.accel import AccelChoice, detect_accel
 from vmm.config import DEFAULT_KERNEL_PARAMS, NinePShare, SerialChannel, VmConfig, VsockChannel
 from vmm.errors import VmmError
 from vmm.hypervisor import VmExit
@@ -159,7 +158,7 @@ class VmSandbox:
             if self._agent is None:
                 if not container.is_sandbox:
                     raise FailedPrecondition(f"sandbox {self.id} is not running: create its sandbox container first")
-                await self.start()
+                await self.start(container.spec)
         timer = PhaseTimer(f"container={container.id}")
         rootfs = self._share_rootfs(container)
         timer.mark("rootfs")
@@ -249,7 +248,7 @@ class VmSandbox:
             max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
             tb_size_mib=h.tb_size_mib, agent=channel, shared=NinePShare(self.shared_dir))
 
-    async def start(self) -> None:
+    async def start(self, sandbox_spec: dict[str, Any]) -> None:
         """Boot the VM and bring its agent up. Raises FailedPrecondition/Unavailable with context."""
         timer = PhaseTimer(f"sandbox={self.id}")
         guest = self.guest_image()
@@ -260,33 +259,10 @@ class VmSandbox:
         log.info("sandbox %s: accelerator %s (%s)", self.id, accel.name, accel.reason)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.shared_dir.mkdir(mode=0o700, exist_ok=True)
-        cfg = self.vm_config(guest)
-        self._vm = QemuHypervisor(cfg, accel=accel, on_exit=self._on_vm_exit, start_timeout=30)
         try:
-            await self._vm.start(self._nursery)
-            timer.mark("vm_launch")
-            deadline = trio.current_time() + self.config.agent.dial_timeout_s
-            if isinstance(cfg.agent, SerialChannel):
-                await self._vm.wait_agent_port_open(self.config.agent.dial_timeout_s)
-                transport: Any = SerialTransport(str(cfg.agent_socket))
-            else:
-                transport = VsockTransport(cfg.agent.guest_cid, cfg.agent.port)
-            timer.mark("agent_port")
-            self._agent = await connect_agent(transport, deadline)
-            timer.mark("agent_ready")
-            async with agent_errors():
-                # a booted (or restored) guest must get the host's clock and fresh entropy first
-                await self._agent.set_guest_datetime(time.time())
-                await self._agent.reseed_random(os.urandom(256))
-                await self._agent.create_sandbox(
-                    hostname=socket.gethostname(), dns=(), sandbox_id=self.id, machine_id=uuid.uuid4().hex,
-                    storages=[Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)])
-            timer.mark("sandbox_create")
-            h = self.config.hypervisor
-            self.reconciler = Reconciler(self._vm, self._agent, vcpus=h.default_vcpus,
-                                         memory_mib=h.default_memory_mib, provider=self.target)
-            self._reconciler_scope = trio.CancelScope()
-            await self._nursery.start(self._run_reconciler, self.reconciler)
+            boot = await self._launch_vm(self.vm_config(guest), accel, timer)
+            await self._init_guest(sandbox_spec, timer)
+            await self._start_reconciler()
         except (VmmError, AgentError, ShimError, OSError) as exc:
             tail = self._vm.console_tail(2000) if self._vm else ""
             await self.stop()
@@ -295,7 +271,49 @@ class VmSandbox:
                 raise
             raise Unavailable(f"sandbox {self.id}: VM start failed: {exc}\nconsole:\n{tail}") from exc
         self.timings = dict(timer.phases)
-        timer.log(accel=accel.name, boot="cold")
+        timer.log(accel=accel.name, boot=boot)
+
+    async def _launch_vm(self, cfg: VmConfig, accel: AccelChoice, timer: PhaseTimer) -> str:
+        """Get a running VM with a connected agent into self._vm / self._agent; say how ("cold")."""
+        self._vm = QemuHypervisor(cfg, accel=accel, on_exit=self._on_vm_exit, start_timeout=30)
+        await self._vm.start(self._nursery)
+        timer.mark("vm_launch")
+        self._agent = await self._connect_agent(self._vm, cfg, timer)
+        return "cold"
+
+    async def _connect_agent(self, vm: QemuHypervisor, cfg: VmConfig, timer: PhaseTimer) -> GrpcAgent:
+        deadline = trio.current_time() + self.config.agent.dial_timeout_s
+        if isinstance(cfg.agent, SerialChannel):
+            # dialing before the guest opened the port stalls the first call (guest-notes)
+            await vm.wait_agent_port_open(self.config.agent.dial_timeout_s)
+            transport: SerialTransport | VsockTransport = SerialTransport(str(cfg.agent_socket))
+        else:
+            transport = VsockTransport(cfg.agent.guest_cid, cfg.agent.port)
+        timer.mark("agent_port")
+        agent = await connect_agent(transport, deadline)
+        timer.mark("agent_ready")
+        return agent
+
+    async def _init_guest(self, sandbox_spec: dict[str, Any], timer: PhaseTimer) -> None:
+        """Make the guest this pod's own: clock, entropy, identity, shared directory."""
+        assert self._agent is not None
+        hostname = sandbox_spec.get("hostname") or self.id[:12]
+        async with agent_errors():
+            # a booted or restored guest has a stale clock and (for clones) the template's RNG state
+            await self._agent.set_guest_datetime(time.time())
+            await self._agent.reseed_random(os.urandom(256))
+            await self._agent.create_sandbox(
+                hostname=hostname, dns=(), sandbox_id=self.id, machine_id=uuid.uuid4().hex,
+                storages=[Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)])
+        timer.mark("sandbox_create")
+
+    async def _start_reconciler(self) -> None:
+        assert self._vm is not None and self._agent is not None
+        h = self.config.hypervisor
+        self.reconciler = Reconciler(self._vm, self._agent, vcpus=h.default_vcpus,
+                                     memory_mib=h.default_memory_mib, provider=self.target)
+        self._reconciler_scope = trio.CancelScope()
+        await self._nursery.start(self._run_reconciler, self.reconciler)
 
     async def _run_reconciler(self, reconciler: Reconciler, *,
                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
