@@ -217,6 +217,8 @@ class VmSandbox:
             await agent.aclose()
         if self._vm is not None:
             await self._vm.stop()
+        await self._teardown_network()
+        await self._teardown_host_cgroups()
         if self.state_dir.exists():
             mounts.unmount_all(self.state_dir)
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -262,7 +264,9 @@ class VmSandbox:
         try:
             boot = await self._launch_vm(self.vm_config(guest), accel, timer)
             await self._init_guest(sandbox_spec, timer)
+            await self._setup_network(sandbox_spec, timer)
             await self._start_reconciler()
+            await self._setup_host_cgroups(sandbox_spec)
         except (VmmError, AgentError, ShimError, OSError) as exc:
             tail = self._vm.console_tail(2000) if self._vm else ""
             await self.stop()
@@ -306,6 +310,18 @@ class VmSandbox:
                 hostname=hostname, dns=(), sandbox_id=self.id, machine_id=uuid.uuid4().hex,
                 storages=[Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)])
         timer.mark("sandbox_create")
+
+    async def _setup_network(self, sandbox_spec: dict[str, Any], timer: PhaseTimer) -> None:
+        """Mirror the pod's network namespace into the guest (no-op without one)."""
+
+    async def _teardown_network(self) -> None:
+        """Undo _setup_network on the host. Idempotent."""
+
+    async def _setup_host_cgroups(self, sandbox_spec: dict[str, Any]) -> None:
+        """Put QEMU (and its vCPU threads) into the pod's sandbox cgroup on the host."""
+
+    async def _teardown_host_cgroups(self) -> None:
+        """Remove the cgroups _setup_host_cgroups made. Idempotent."""
 
     async def _start_reconciler(self) -> None:
         assert self._vm is not None and self._agent is not None
