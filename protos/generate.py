@@ -7,7 +7,9 @@ Sources come from Debian's golang-github-containerd-containerd-dev (containerd 1
 golang-github-containerd-cgroups-dev. They are copied under protos/ with two rewrites that change no
 field name or number: gogoproto / containerd.plugin options are dropped (they only steer Go code
 generation), and Go import paths become protos/... so that the generated Python modules import each
-other as the `protos` package. Our own protos (ttrpc/, agent/) live here directly.
+other as the `protos` package. Our own protos (ttrpc/, agent/) live here directly, as does
+k8s/cri/v1/api.proto: a hand-written subset of Kubernetes' CRI API (upstream names and field numbers)
+for the tests' CRI client.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ UPSTREAM = {
     "containerd/cgroups/stats/v1/metrics.proto": "cgroups/stats/v1/metrics.proto",
     "containerd/cgroups/v2/stats/metrics.proto": "cgroups/v2/stats/metrics.proto",
 }
-OWN = ["ttrpc/ttrpc.proto", "agent/v1/agent.proto"]
-GRPC_SERVICES = {"agent/v1/agent.proto"}  # gRPC stubs only for the agent; ttrpc needs none
+OWN = ["ttrpc/ttrpc.proto", "agent/v1/agent.proto", "k8s/cri/v1/api.proto"]
+GRPC_SERVICES = {"agent/v1/agent.proto", "k8s/cri/v1/api.proto"}  # gRPC stubs: agent, CRI (tests); ttrpc none
 
 _GOGO_IMPORT = re.compile(r'^\s*import\s+(weak\s+)?"(gogoproto/gogo|github\.com/gogo/protobuf/gogoproto/gogo'
                           r'|github\.com/containerd/containerd/protobuf/plugin/fieldpath)\.proto";\s*$')
