@@ -17,6 +17,7 @@ from .errors import InvalidArgument
 
 DEFAULT_CONFIG_PATH = "/etc/kata-py/configuration.toml"
 DEFAULT_GUEST_CACHE = "/var/cache/kata-py/guest"
+DEFAULT_TEMPLATE_DIR = "/var/cache/kata-py/templates"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class HypervisorConfig:
     memory_hotplug: str = "pc-dimm"  # pc-dimm | virtio-mem
     tb_size_mib: int = 64  # TCG translation buffer; QEMU's 1 GiB default bloats every VM
     machine: str = "q35"
+    # directories whose files io.katacontainers.config.hypervisor.{kernel,initrd,image} may name
+    valid_asset_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,10 +53,25 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class FactoryConfig:
+    """VM templates and the warm pool (shim/factory/)."""
+
+    template: bool = True  # restore sandboxes from a snapshot of a booted guest
+    template_dir: str = ""  # "" = DEFAULT_TEMPLATE_DIR ($KATA_PY_TEMPLATE_DIR overrides it)
+    template_cache_max_mb: int = 4096  # disk use (allocated blocks) of all templates; oldest go first
+    pool_socket: str = ""  # a `kata-py pool` service to ask for a ready VM first; "" = no pool
+    pool_size: int = 2  # VMs `kata-py pool` keeps ready
+
+    def template_path(self) -> Path:
+        return Path(self.template_dir or os.environ.get("KATA_PY_TEMPLATE_DIR", DEFAULT_TEMPLATE_DIR))
+
+
+@dataclass(frozen=True)
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
     source: str = ""  # where it was read from, for logs
 
     def guest_dir(self) -> Path:
@@ -89,7 +107,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"config {source}: {exc}") from None
-    sections = {"hypervisor": HypervisorConfig, "agent": AgentConfig, "runtime": RuntimeConfig}
+    sections = {"hypervisor": HypervisorConfig, "agent": AgentConfig, "runtime": RuntimeConfig,
+                "factory": FactoryConfig}
     unknown = set(raw) - set(sections)
     if unknown:
         raise InvalidArgument(f"config {source}: unknown section(s) {sorted(unknown)}")
@@ -104,6 +123,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise InvalidArgument("config [hypervisor]: need 1 <= default_vcpus <= max_vcpus")
     if not 128 <= h.default_memory_mib <= h.max_memory_mib:
         raise InvalidArgument("config [hypervisor]: need 128 <= default_memory_mib <= max_memory_mib")
+    if cfg.factory.template_cache_max_mb < 0 or cfg.factory.pool_size < 0:
+        raise InvalidArgument("config [factory]: template_cache_max_mb and pool_size must be >= 0")
     return cfg
 
 
