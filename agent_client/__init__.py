@@ -15,12 +15,16 @@ from agent_client.errors import (
 from agent_client.protocol import (
     Agent,
     AgentVersion,
+    ArpNeighbor,
     ContainerStats,
     CpuStats,
     GuestDetails,
+    Interface,
+    IPAddress,
     MemoryStats,
     OnlineResources,
     PidsStats,
+    Route,
     Storage,
 )
 
@@ -37,11 +41,15 @@ __all__ = [
     "AgentUnavailable",
     "AgentUnimplemented",
     "AgentVersion",
+    "ArpNeighbor",
     "ContainerStats",
     "CpuStats",
     "GuestDetails",
+    "IPAddress",
+    "Interface",
     "MemoryStats",
     "OnlineResources",
     "PidsStats",
+    "Route",
     "Storage",
 ]

@@ -29,7 +29,16 @@ from agent_client.errors import (
     AgentNotFound,
     AgentUnavailable,
 )
-from agent_client.protocol import AgentVersion, ContainerStats, GuestDetails, OnlineResources, Storage
+from agent_client.protocol import (
+    AgentVersion,
+    ArpNeighbor,
+    ContainerStats,
+    GuestDetails,
+    Interface,
+    OnlineResources,
+    Route,
+    Storage,
+)
 
 _TERMINATING = {signals.SIGKILL, signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGQUIT}
 
@@ -131,6 +140,9 @@ class FakeAgent:
         self.entropy = bytearray()
         self.online_cpus = online_cpus
         self.mem_total_bytes = mem_total_bytes
+        self.interfaces: list[Interface] = []  # the guest NICs a test plugged in
+        self.routes: list[Route] = []
+        self.neighbors: list[ArpNeighbor] = []
         self.serving = True
         self.closed = False
         self._scripts: dict[tuple[str, str], Script] = {}
@@ -424,6 +436,33 @@ class FakeAgent:
         if nb_cpus:
             self.online_cpus = nb_cpus
         return OnlineResources(self.online_cpus, self.mem_total_bytes)
+
+    # --- network: the guest's interfaces are those the test put in `self.interfaces` (by MAC) ---
+    async def update_interface(self, interface: Interface) -> Interface:
+        await self._enter("update_interface", interface)
+        found = next((i for i in self.interfaces if i.hw_addr.lower() == interface.hw_addr.lower()), None)
+        if found is None:
+            raise AgentNotFound(f"no interface with MAC {interface.hw_addr}")
+        updated = Interface(found.name, found.hw_addr, interface.mtu or found.mtu, interface.addresses)
+        self.interfaces = [updated if i is found else i for i in self.interfaces]
+        return updated
+
+    async def update_routes(self, routes: Sequence[Route]) -> list[Route]:
+        await self._enter("update_routes", list(routes))
+        self.routes = list(routes)
+        return list(self.routes)
+
+    async def add_arp_neighbors(self, neighbors: Sequence[ArpNeighbor]) -> None:
+        await self._enter("add_arp_neighbors", list(neighbors))
+        self.neighbors.extend(neighbors)
+
+    async def list_interfaces(self) -> list[Interface]:
+        await self._enter("list_interfaces")
+        return list(self.interfaces)
+
+    async def list_routes(self) -> list[Route]:
+        await self._enter("list_routes")
+        return list(self.routes)
 
     async def oom_events(self) -> AsyncIterator[str]:
         await self._enter("oom_events")

@@ -34,12 +34,16 @@ from agent_client.errors import (
 )
 from agent_client.protocol import (
     AgentVersion,
+    ArpNeighbor,
     ContainerStats,
     CpuStats,
     GuestDetails,
+    Interface,
+    IPAddress,
     MemoryStats,
     OnlineResources,
     PidsStats,
+    Route,
     Storage,
 )
 from agent_client.transport import Transport
@@ -108,6 +112,42 @@ def _storage(s: Storage) -> pb.Storage:
         options=list(s.options),
         mount_point=s.mount_point,
     )
+
+
+def _family(family: int) -> int:
+    return pb.IPAddress.V6 if family == 6 else pb.IPAddress.V4
+
+
+def _ip_to_pb(a: IPAddress) -> pb.IPAddress:
+    return pb.IPAddress(family=_family(a.family), address=a.address, mask=str(a.prefix_len))
+
+
+def _ip_from_pb(a: pb.IPAddress) -> IPAddress:
+    try:
+        prefix = int(a.mask or 0)
+    except ValueError:
+        prefix = 0
+    return IPAddress(a.address, prefix, 6 if a.family == pb.IPAddress.V6 else 4)
+
+
+def _iface_to_pb(i: Interface) -> pb.Interface:
+    return pb.Interface(name=i.name, hw_addr=i.hw_addr, mtu=i.mtu,
+                        ip_addresses=[_ip_to_pb(a) for a in i.addresses])
+
+
+def _iface_from_pb(i: pb.Interface) -> Interface:
+    return Interface(name=i.name, hw_addr=i.hw_addr, mtu=i.mtu,
+                     addresses=tuple(_ip_from_pb(a) for a in i.ip_addresses))
+
+
+def _route_to_pb(r: Route) -> pb.Route:
+    return pb.Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
+                    family=_family(r.family))
+
+
+def _route_from_pb(r: pb.Route) -> Route:
+    return Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
+                 family=6 if r.family == pb.IPAddress.V6 else 4)
 
 
 def _json(value: Mapping[str, Any]) -> bytes:
@@ -411,6 +451,32 @@ class GrpcAgent:
         req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus)
         r = await self._unary("OnlineCPUMem", req, self._deadlines.online)
         return OnlineResources(validate.cpu_count(r.online_cpus, "OnlineCPUMem"), r.mem_total_bytes)
+
+    # --- network ---
+
+    async def update_interface(self, interface: Interface) -> Interface:
+        req = pb.UpdateInterfaceRequest(interface=_iface_to_pb(interface))
+        return _iface_from_pb(await self._unary("UpdateInterface", req, self._deadlines.online))
+
+    async def update_routes(self, routes: Sequence[Route]) -> list[Route]:
+        req = pb.UpdateRoutesRequest(routes=pb.Routes(routes=[_route_to_pb(r) for r in routes]))
+        r = await self._unary("UpdateRoutes", req, self._deadlines.control)
+        return [_route_from_pb(x) for x in r.routes]
+
+    async def add_arp_neighbors(self, neighbors: Sequence[ArpNeighbor]) -> None:
+        req = pb.AddARPNeighborsRequest(neighbors=[
+            pb.ARPNeighbor(to_ip_address=_ip_to_pb(IPAddress(n.ip, 32 if n.family == 4 else 128, n.family)),
+                           device=n.device, lladdr=n.lladdr, state=n.state, flags=n.flags)
+            for n in neighbors])
+        await self._unary("AddARPNeighbors", req, self._deadlines.control)
+
+    async def list_interfaces(self) -> list[Interface]:
+        r = await self._unary("ListInterfaces", empty_pb2.Empty(), self._deadlines.control)
+        return [_iface_from_pb(i) for i in r.interfaces]
+
+    async def list_routes(self) -> list[Route]:
+        r = await self._unary("ListRoutes", empty_pb2.Empty(), self._deadlines.control)
+        return [_route_from_pb(x) for x in r.routes]
 
     # --- events and health ---
 

@@ -79,6 +79,52 @@ class AgentVersion:
     agent_version: str
 
 
+@dataclass(frozen=True, slots=True)
+class IPAddress:
+    """One address with its prefix length; family 4 or 6."""
+
+    address: str
+    prefix_len: int
+    family: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """A guest NIC, found by its MAC (``hw_addr``); ``name`` is the guest's name for it."""
+
+    name: str
+    hw_addr: str
+    mtu: int = 0
+    addresses: tuple[IPAddress, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """``dest`` is a CIDR or "" for the default route; ``device`` is the guest interface name.
+
+    scope: RT_SCOPE_* (0 universe, 253 link, 254 host).
+    """
+
+    dest: str
+    gateway: str = ""
+    device: str = ""
+    source: str = ""
+    scope: int = 0
+    family: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ArpNeighbor:
+    """A static neighbour entry: ``ip`` is at ``lladdr`` on guest interface ``device``."""
+
+    ip: str
+    device: str
+    lladdr: str
+    state: int = 0x80  # NUD_PERMANENT
+    flags: int = 0
+    family: int = 4
+
+
 @runtime_checkable
 class Agent(Protocol):
     """Host side of the agent protocol, async under trio.
@@ -176,6 +222,23 @@ class Agent(Protocol):
     async def online_cpu_mem(self, nb_cpus: int, wait: bool) -> OnlineResources:
         """Online hot-added vCPUs and memory; with `wait`, until `nb_cpus` CPUs are online."""
         ...
+
+    # --- network ---
+    async def update_interface(self, interface: Interface) -> Interface:
+        """Configure the guest NIC whose MAC is ``interface.hw_addr`` (waiting for it to appear):
+        MTU, exactly these addresses, link up. Returns it as the guest now sees it (guest name)."""
+        ...
+
+    async def update_routes(self, routes: Sequence[Route]) -> list[Route]:
+        """Make the guest's main routing table hold these routes (connected ones the kernel keeps);
+        returns the table afterwards."""
+        ...
+
+    async def add_arp_neighbors(self, neighbors: Sequence[ArpNeighbor]) -> None: ...
+
+    async def list_interfaces(self) -> list[Interface]: ...
+
+    async def list_routes(self) -> list[Route]: ...
 
     # --- events and health ---
     def oom_events(self) -> AsyncIterator[str]:

@@ -24,6 +24,14 @@ AGENT_PORT_ID = "agentport"  # VSERPORT_CHANGE reports this id
 AGENT_CHARDEV_ID = "agentchr"
 VIRTIO_MEM_ID = "vm0"
 RAM_BACKEND_ID = "pc.ram"
+ROOT_PORT_PREFIX = "rp"  # pcie-root-port ids: rp0, rp1, ... (hot-plug targets for NICs)
+
+
+def root_port_ids(cfg: VmConfig) -> list[str]:
+    """Ids of the empty PCIe root ports build_argv creates (none on microvm)."""
+    if cfg.machine != "q35":
+        return []
+    return [f"{ROOT_PORT_PREFIX}{i}" for i in range(cfg.pcie_root_ports)]
 
 
 def opt(value: str | Path) -> str:
@@ -87,6 +95,8 @@ def build_argv(cfg: VmConfig, accel: AccelChoice, qemu_binary: str = "qemu-syste
         argv += ["-object", f"memory-backend-ram,id=vmem0,size={size}M",
                  "-device", f"virtio-mem-{bus},id={VIRTIO_MEM_ID},memdev=vmem0,requested-size=0,"
                             f"block-size={cfg.virtio_mem_block_mib}M"]
+    for i, port in enumerate(root_port_ids(cfg)):
+        argv += ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
     if cfg.start_paused:
         argv.append("-S")
     if cfg.incoming_defer:

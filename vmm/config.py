@@ -117,6 +117,10 @@ class VmConfig:
     console_log: Path | None = None  # default: <state_dir>/console.log
     vmgenid: uuid.UUID = field(default_factory=uuid.uuid4)  # new per clone: the guest sees a "fork"
 
+    # Empty PCIe root ports (q35 only) that NICs are hot-plugged onto: q35 cannot hot-plug onto pcie.0.
+    # Part of the device set, so a template and its clones must agree on it.
+    pcie_root_ports: int = 2
+
     ram_file: RamFile | None = None
     incoming_defer: bool = False  # -incoming defer: wait for migrate-incoming (snapshot restore)
     start_paused: bool = False  # -S
@@ -166,6 +170,8 @@ def _problems(cfg: VmConfig):
             yield f"virtio-mem size {room} MiB is not a multiple of block size {cfg.virtio_mem_block_mib} MiB"
     if cfg.machine == "microvm" and (cfg.max_vcpus > cfg.vcpus or cfg.memory_hotpluggable):
         yield "microvm has no hotplug: set max_vcpus == vcpus and max_memory_mib == memory_mib"
+    if not 0 <= cfg.pcie_root_ports <= 16:
+        yield f"pcie_root_ports must be in 0..16 ({cfg.pcie_root_ports})"
     if cfg.tb_size_mib < 1:
         yield "tb_size_mib must be positive"
     if cfg.initrd is not None and cfg.kernel is None:

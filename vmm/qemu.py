@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from vmm.accel import AccelChoice, detect_accel
-from vmm.cmdline import AGENT_CHARDEV_ID, AGENT_PORT_ID, VIRTIO_MEM_ID, build_argv
+from vmm.cmdline import AGENT_CHARDEV_ID, AGENT_PORT_ID, VIRTIO_MEM_ID, build_argv, root_port_ids
 from vmm.config import MEMORY_BLOCK_MIB, SerialChannel, VmConfig
 from vmm.errors import (
     HotplugError,
@@ -88,6 +88,7 @@ class QemuHypervisor:
         self._start_scope = trio.CancelScope()  # stop() during start cancels the start phase
         self._stop_lock = trio.Lock()  # one escalation at a time; later callers find it done
         self._resize_lock = trio.Lock()  # guards read-modify-write of the hotplug slots
+        self._nics: dict[str, str] = {}  # NIC device id -> root port it sits on
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -447,6 +448,63 @@ class QemuHypervisor:
                 raise HotplugError(f"guest refused to unplug {dev_id}", current=await measure())
         log.warning("unplug of %s not completed by the guest within %.1f s", dev_id, self._unplug_timeout)
         return False
+
+    # ---- NICs --------------------------------------------------------------------------------
+    async def add_tap_nic(self, nic_id: str, tap_fd: int, mac: str, *, mtu: int = 0) -> str:
+        """Hot-plug a virtio-net-pci NIC on an already open tap (``tap_fd`` stays ours to close).
+
+        The NIC goes onto the first free pre-created PCIe root port (q35) and is named ``nic_id``
+        (its netdev ``<nic_id>-nd``). Returns the root port used. Raises HotplugError (no free
+        port, or QEMU refused), VmNotRunning.
+        """
+        qmp = self._require_qmp()
+        async with self._resize_lock:
+            port = self._free_root_port()
+            netdev, fdname = f"{nic_id}-nd", f"{nic_id}-fd"
+            try:
+                await qmp.pass_fd(tap_fd, fdname)
+                await qmp.execute("netdev_add", {"type": "tap", "id": netdev, "fd": fdname, "vhost": False})
+                dev: dict[str, Any] = {"driver": "virtio-net-pci", "id": nic_id, "netdev": netdev, "mac": mac,
+                                       "bus": port}
+                if mtu:
+                    dev["host_mtu"] = mtu
+                try:
+                    await qmp.execute("device_add", dev)
+                except QmpError:
+                    await self._quiet(qmp, "netdev_del", {"id": netdev})
+                    raise
+            except QmpError as e:
+                await self._quiet(qmp, "closefd", {"fdname": fdname})
+                raise HotplugError(f"NIC {nic_id}: {e.error_class}: {e.desc}", current=len(self._nics)) from e
+            self._nics[nic_id] = port
+            return port
+
+    def _free_root_port(self) -> str:
+        used = set(self._nics.values())
+        for port in root_port_ids(self.config):
+            if port not in used:
+                return port
+        raise HotplugError(f"no free PCIe root port for a NIC ({len(used)} in use)", current=len(used))
+
+    async def remove_nic(self, nic_id: str) -> None:
+        """Unplug a NIC added by add_tap_nic (best effort: the guest must cooperate). Raises VmNotRunning."""
+        qmp = self._require_qmp()
+        if self._nics.pop(nic_id, None) is None:
+            return
+        try:
+            await self._unplug(qmp, nic_id, self._nic_count)
+        except HotplugError as e:
+            log.warning("NIC %s: %s", nic_id, e)
+        await self._quiet(qmp, "netdev_del", {"id": f"{nic_id}-nd"})
+
+    async def _nic_count(self) -> int:
+        return len(self._nics)
+
+    async def _quiet(self, qmp: QmpClient, command: str, args: dict[str, Any]) -> None:
+        try:
+            await qmp.execute(command, args)
+        except QmpError as e:
+            log.debug("%s %s: %s", command, args, e)
 
     # ---- snapshots -----------------------------------------------------------------------------
     async def save_snapshot(self, state_path: Path, *, ignore_shared: bool = False, timeout: float = 60) -> None:

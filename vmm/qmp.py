@@ -90,6 +90,7 @@ class QmpClient:
         self._streams: set[EventStream] = set()
         self.disconnected = trio.Event()
         self._closed = False
+        self._fd_lock = trio.Lock()
 
     def _aio(self, proc: Callable[..., Any]) -> Callable[..., Any]:
         return trio_asyncio.aio_as_trio(proc, loop=self._loop)
@@ -115,6 +116,21 @@ class QmpClient:
         except (ExecInterruptedError, QMPError, OSError, EOFError) as e:
             # ExecInterruptedError: pending when the link dropped; StateError: issued after it dropped.
             raise QmpDisconnected(f"QMP {command}: connection lost ({e})") from e
+
+    async def pass_fd(self, fd: int, name: str, *, timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
+        """Hand ``fd`` to QEMU under ``name`` (SCM_RIGHTS + ``getfd``); QEMU keeps its own copy.
+
+        The descriptor rides on the byte sent just before ``getfd``; the lock keeps another fd's
+        getfd from taking it. Raises like execute().
+        """
+        async with self._fd_lock:
+            if self.disconnected.is_set():
+                raise QmpDisconnected("QMP getfd: not connected")
+            try:
+                self._raw.send_fd_scm(fd)
+            except (QMPError, OSError) as e:
+                raise QmpDisconnected(f"QMP getfd: cannot send fd ({e})") from e
+            await self.execute("getfd", {"fdname": name}, timeout=timeout)
 
     # ---- events --------------------------------------------------------------------------------
     @contextmanager
