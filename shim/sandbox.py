@@ -40,6 +40,7 @@ from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
 
 from . import mounts
+from .annotations import GuestAssets, apply_annotations
 from .config import Config
 from .errors import (
     AlreadyExists,
@@ -234,8 +235,10 @@ class VmSandbox:
                 "(build it with `python3 packaging/guest/build_guest.py`)")
         return guest.resolve()
 
-    def vm_config(self, guest: Path) -> VmConfig:
+    def vm_config(self, guest: Path, assets: GuestAssets | None = None) -> VmConfig:
+        """The VM for this sandbox: `guest`'s files unless `assets` (checked annotations) replace them."""
         h = self.config.hypervisor
+        assets = assets or GuestAssets()
         # vmm adds the agent channel and log level keys to the kernel command line itself
         channel: SerialChannel | VsockChannel = (
             VsockChannel(guest_cid=_guest_cid(self.id)) if vsock_available() else SerialChannel())
@@ -243,16 +246,27 @@ class VmSandbox:
         cmdline_file = guest / "cmdline"
         base = tuple(cmdline_file.read_text().split()) if cmdline_file.is_file() else DEFAULT_KERNEL_PARAMS
         return VmConfig(
-            state_dir=self.state_dir, kernel=guest / "vmlinux", initrd=guest / "initrd.img",
-            rootfs=guest / "rootfs.erofs", kernel_params=base, kernel_params_extra=tuple(h.kernel_params.split()),
+            state_dir=self.state_dir, kernel=assets.kernel or guest / "vmlinux",
+            initrd=assets.initrd or guest / "initrd.img", rootfs=assets.image or guest / "rootfs.erofs",
+            kernel_params=base, kernel_params_extra=tuple(h.kernel_params.split()),
             guest_log_level="debug" if self.config.runtime.debug else "info", name=f"kata-py-{self.id[:16]}",
             machine=h.machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
             max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
             tb_size_mib=h.tb_size_mib, agent=channel, shared=NinePShare(self.shared_dir))
 
     async def start(self, sandbox_spec: dict[str, Any]) -> None:
-        """Boot the VM and bring its agent up. Raises FailedPrecondition/Unavailable with context."""
+        """Boot the VM and bring its agent up.
+
+        Raises InvalidArgument for refused io.katacontainers.* annotations (before anything starts),
+        FailedPrecondition/Unavailable with context.
+        """
         timer = PhaseTimer(f"sandbox={self.id}")
+        # the sandbox's own configuration: the runtime's, adjusted by its permitted annotations
+        effective = apply_annotations(self.config, sandbox_spec.get("annotations") or {})
+        self.config = effective.config
+        h = self.config.hypervisor
+        self.sizing = SandboxSizing(default_vcpus=h.default_vcpus, max_vcpus=h.max_vcpus,
+                                    default_memory_mib=h.default_memory_mib, max_memory_mib=h.max_memory_mib)
         guest = self.guest_image()
         try:
             accel = detect_accel(self.config.hypervisor.accel)  # type: ignore[arg-type]
@@ -262,7 +276,7 @@ class VmSandbox:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.shared_dir.mkdir(mode=0o700, exist_ok=True)
         try:
-            boot = await self._launch_vm(self.vm_config(guest), accel, timer)
+            boot = await self._launch_vm(self.vm_config(guest, effective.assets), accel, timer)
             await self._init_guest(sandbox_spec, timer)
             await self._setup_network(sandbox_spec, timer)
             await self._start_reconciler()
