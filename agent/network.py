@@ -1,14 +1,184 @@
-"""Guest network configuration (UpdateInterface, UpdateRoutes, AddARPNeighbors, ListInterfaces,
-ListRoutes).
+"""Guest network configuration: UpdateInterface, UpdateRoutes, AddARPNeighbors, ListInterfaces,
+ListRoutes, with iproute2's `ip` (JSON output) — the guest has no pyroute2.
 
-Not implemented in this version of the agent: the server answers these RPCs with UNIMPLEMENTED, and
-containers use the VM's own network namespace as it is configured at boot. This module is where the
-netlink implementation belongs when the pod network is mirrored into the guest.
+The host mirrors the pod's network namespace: it hot-plugs a NIC whose MAC is the pod veth's MAC,
+then asks for that NIC's addresses and MTU, the routes and the static neighbours. The NIC keeps the
+guest kernel's name (eth0, ...); the host learns it from UpdateInterface's answer. Parsing is pure
+(`parse_*`) so it can be tested on the host; `Ip` runs the commands (in a netns in tests).
 """
 
-from agent.errors import Unimplemented
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.errors import InvalidArgument, NotFound
+
+NIC_WAIT_S = 30.0  # a hot-plugged NIC takes a moment to show up under TCG
+RT_SCOPE_LINK = 253
 
 
-def unimplemented(rpc: str) -> Unimplemented:
-    """The error every network RPC returns for now."""
-    return Unimplemented(f"{rpc}: guest network configuration is not implemented by this agent")
+@dataclass(frozen=True)
+class Address:
+    address: str
+    prefix_len: int
+    family: int = 4
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    mac: str
+    mtu: int
+    addresses: tuple[Address, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    dest: str  # CIDR, or "" for default
+    gateway: str = ""
+    device: str = ""
+    source: str = ""
+    scope: int = 0
+    family: int = 4
+    protocol: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    ip: str
+    device: str
+    lladdr: str
+
+
+def parse_links(doc: list[dict[str, Any]]) -> list[Link]:
+    """`ip -j addr show` → links (loopback and non-ethernet links left out)."""
+    links = []
+    for item in doc:
+        if item.get("link_type") != "ether":
+            continue
+        addrs = tuple(Address(a["local"], int(a["prefixlen"]), 6 if a.get("family") == "inet6" else 4)
+                      for a in item.get("addr_info", [])
+                      if a.get("family") in ("inet", "inet6") and a.get("scope") != "link")
+        links.append(Link(item["ifname"], item.get("address", "").lower(), int(item.get("mtu", 0)), addrs))
+    return links
+
+
+_SCOPES = {"global": 0, "universe": 0, "site": 200, "link": RT_SCOPE_LINK, "host": 254}
+
+
+def parse_routes(doc: list[dict[str, Any]], family: int) -> list[Route]:
+    """`ip -j [-6] route show` → routes (multicast/link-local IPv6 and unreachable left out)."""
+    routes = []
+    for r in doc:
+        dst = r.get("dst", "")
+        if r.get("type", "unicast") != "unicast" or dst.startswith(("fe80:", "ff00:", "multicast")):
+            continue
+        routes.append(Route(dest="" if dst == "default" else dst, gateway=r.get("gateway", ""),
+                            device=r.get("dev", ""), source=r.get("prefsrc", ""),
+                            scope=_SCOPES.get(r.get("scope", "global"), 0), family=family,
+                            protocol=str(r.get("protocol", ""))))
+    return routes
+
+
+def route_args(r: Route) -> list[str]:
+    """The `ip route` arguments that describe ``r``."""
+    args = ["-6"] if r.family == 6 else []
+    args += ["route", "replace", r.dest or "default"]
+    if r.gateway:
+        args += ["via", r.gateway]
+    if r.device:
+        args += ["dev", r.device]
+    if r.source:
+        args += ["src", r.source]
+    if r.scope:
+        args += ["scope", {v: k for k, v in _SCOPES.items()}.get(r.scope, str(r.scope))]
+    return args
+
+
+def plan_routes(current: Sequence[Route], wanted: Sequence[Route]) -> tuple[list[Route], list[Route]]:
+    """(to add, to delete) so the table holds `wanted`.
+
+    Routes the kernel made for connected subnets stay (and are not added again); gatewayless routes
+    go first so every gateway is reachable when its route is added.
+    """
+    kernel = {r for r in current if r.protocol == "kernel"}
+    add = sorted((r for r in wanted if _key(r) not in {_key(k) for k in kernel}), key=lambda r: bool(r.gateway))
+    wanted_keys = {_key(r) for r in wanted}
+    delete = [r for r in current if r.protocol != "kernel" and _key(r) not in wanted_keys]
+    return add, delete
+
+
+def _key(r: Route) -> tuple[str, str, int]:
+    return (r.dest, r.device, r.family)
+
+
+class Ip:
+    """Runs `ip`; raises InvalidArgument with its stderr when a command fails."""
+
+    def __init__(self, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> None:
+        self._run = run
+
+    def __call__(self, *args: str) -> str:
+        proc = self._run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise InvalidArgument(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def json(self, *args: str) -> list[dict[str, Any]]:
+        return json.loads(self("-j", *args) or "[]")
+
+
+class Network:
+    def __init__(self, ip: Ip | None = None, nic_wait_s: float = NIC_WAIT_S) -> None:
+        self.ip = ip or Ip()
+        self.nic_wait_s = nic_wait_s
+
+    def links(self) -> list[Link]:
+        return parse_links(self.ip.json("addr", "show"))
+
+    def routes(self) -> list[Route]:
+        return parse_routes(self.ip.json("route", "show"), 4) + parse_routes(self.ip.json("-6", "route", "show"), 6)
+
+    def _find(self, mac: str) -> Link:
+        deadline = time.monotonic() + self.nic_wait_s
+        while True:
+            link = next((x for x in self.links() if x.mac == mac.lower()), None)
+            if link is not None:
+                return link
+            if time.monotonic() > deadline:
+                raise NotFound(f"no network interface with MAC {mac} after {self.nic_wait_s:.0f} s")
+            time.sleep(0.1)
+
+    def update_interface(self, mac: str, mtu: int, addresses: Sequence[Address]) -> Link:
+        if not mac:
+            raise InvalidArgument("interface: hw_addr is required")
+        link = self._find(mac)
+        self.ip("link", "set", "dev", "lo", "up")
+        if mtu:
+            self.ip("link", "set", "dev", link.name, "mtu", str(mtu))
+        self.ip("addr", "flush", "dev", link.name)
+        for a in addresses:
+            self.ip(*(["-6"] if a.family == 6 else []), "addr", "add", f"{a.address}/{a.prefix_len}",
+                    "dev", link.name)
+        self.ip("link", "set", "dev", link.name, "up")
+        return self._find(mac)
+
+    def update_routes(self, wanted: Sequence[Route]) -> list[Route]:
+        add, delete = plan_routes(self.routes(), wanted)
+        for r in delete:
+            self.ip(*(["-6"] if r.family == 6 else []), "route", "del", r.dest or "default",
+                    *(["dev", r.device] if r.device else []))
+        for r in add:
+            self.ip(*route_args(r))
+        return self.routes()
+
+    def add_neighbors(self, neighbors: Sequence[Neighbor]) -> None:
+        for n in neighbors:
+            if not (n.ip and n.device and n.lladdr):
+                raise InvalidArgument(f"ARP neighbour needs ip, device and lladdr: {n}")
+            self.ip("neigh", "replace", n.ip, "lladdr", n.lladdr, "dev", n.device, "nud", "permanent")

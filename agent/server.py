@@ -76,6 +76,29 @@ def _streaming(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _address(a: pb.IPAddress) -> network.Address:
+    try:
+        prefix = int(a.mask)
+    except ValueError:
+        raise InvalidArgument(f"IP address {a.address}: bad prefix length {a.mask!r}") from None
+    return network.Address(a.address, prefix, 6 if a.family == pb.IPAddress.V6 else 4)
+
+
+def _family_pb(family: int) -> int:
+    return pb.IPAddress.V6 if family == 6 else pb.IPAddress.V4
+
+
+def _link_pb(link: network.Link) -> pb.Interface:
+    return pb.Interface(name=link.name, hw_addr=link.mac, mtu=link.mtu, ip_addresses=[
+        pb.IPAddress(family=_family_pb(a.family), address=a.address, mask=str(a.prefix_len))
+        for a in link.addresses])
+
+
+def _route_pb(r: network.Route) -> pb.Route:
+    return pb.Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
+                    family=_family_pb(r.family))
+
+
 def _storage(s: pb.Storage) -> StorageSpec:
     return StorageSpec(driver=s.driver, source=s.source, fstype=s.fstype, options=list(s.options),
                        driver_options=list(s.driver_options), mount_point=s.mount_point)
@@ -97,6 +120,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         self.sandbox = sandbox
         self.containers = containers
         self.oom = oom
+        self.network = network.Network()
 
     # --- sandbox ---
     @_unary
@@ -260,24 +284,30 @@ class AgentServicer(pb_grpc.AgentServicer):
 
     # --- network (see agent/network.py) ---
     @_unary
-    def UpdateInterface(self, request: Any, context: Any) -> Any:
-        raise network.unimplemented("UpdateInterface")
+    def UpdateInterface(self, request: pb.UpdateInterfaceRequest, context: Any) -> pb.Interface:
+        i = request.interface
+        link = self.network.update_interface(i.hw_addr, i.mtu, [_address(a) for a in i.ip_addresses])
+        return _link_pb(link)
 
     @_unary
-    def UpdateRoutes(self, request: Any, context: Any) -> Any:
-        raise network.unimplemented("UpdateRoutes")
+    def UpdateRoutes(self, request: pb.UpdateRoutesRequest, context: Any) -> pb.Routes:
+        wanted = [network.Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
+                                family=6 if r.family == pb.IPAddress.V6 else 4) for r in request.routes.routes]
+        return pb.Routes(routes=[_route_pb(r) for r in self.network.update_routes(wanted)])
 
     @_unary
-    def AddARPNeighbors(self, request: Any, context: Any) -> Any:
-        raise network.unimplemented("AddARPNeighbors")
+    def AddARPNeighbors(self, request: pb.AddARPNeighborsRequest, context: Any) -> empty_pb2.Empty:
+        self.network.add_neighbors([network.Neighbor(n.to_ip_address.address, n.device, n.lladdr)
+                                    for n in request.neighbors])
+        return _EMPTY
 
     @_unary
-    def ListInterfaces(self, request: Any, context: Any) -> Any:
-        raise network.unimplemented("ListInterfaces")
+    def ListInterfaces(self, request: empty_pb2.Empty, context: Any) -> pb.Interfaces:
+        return pb.Interfaces(interfaces=[_link_pb(link) for link in self.network.links()])
 
     @_unary
-    def ListRoutes(self, request: Any, context: Any) -> Any:
-        raise network.unimplemented("ListRoutes")
+    def ListRoutes(self, request: empty_pb2.Empty, context: Any) -> pb.Routes:
+        return pb.Routes(routes=[_route_pb(r) for r in self.network.routes()])
 
     # --- events ---
     @_streaming
