@@ -13,14 +13,17 @@ from pathlib import Path
 
 from shim.mounts import unmount_all
 
-from .images import IMAGE_NAME, build_oci_tar
+from .images import IMAGE_NAME, PAUSE_CMD, PAUSE_IMAGE_NAME, build_oci_tar
 
 RUNTIME = "io.containerd.kata-py.v2"
 NAMESPACE = "kata-py-test"
+CRI_NAMESPACE = "k8s.io"  # where containerd's CRI plugin keeps its images and containers
+RUNTIME_HANDLER = "kata-py"
 
 
 class PrivateContainerd:
-    def __init__(self, kata_config: str = "", cri: bool = False) -> None:
+    def __init__(self, kata_config: str = "", cri: bool = False,
+                 pod_annotations: tuple[str, ...] = ("io.katacontainers.*",)) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kpc-", dir="/tmp"))
         self.address = str(self.dir / "c.sock")
         self.bin = self.dir / "bin"
@@ -30,6 +33,39 @@ class PrivateContainerd:
         self.kata_config = self.dir / "kata-py.toml"
         self.kata_config.write_text(f'[runtime]\nstate_dir = "{self.kata_state}"\ndebug = true\n' + kata_config)
         self._cri = cri
+        self._pod_annotations = pod_annotations
+        self.cni_conf_dir = self.dir / "cni" / "net.d"
+
+    def _cri_config(self) -> str:
+        """The CRI plugin's section: our pause image, runtime handler kata-py (as packaging/containerd)."""
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        patterns = ", ".join(f'"{p}"' for p in self._pod_annotations)
+        self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+        return f"""[{cri}]
+  sandbox_image = "{PAUSE_IMAGE_NAME}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_apparmor = true
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[{cri}.containerd.runtimes.{RUNTIME_HANDLER}]
+  runtime_type = "{RUNTIME}"
+  privileged_without_host_devices = true
+  pod_annotations = [{patterns}]
+[{cri}.containerd.runtimes.{RUNTIME_HANDLER}.options]
+  ConfigPath = "{self.kata_config}"
+[{cri}.cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{self.cni_conf_dir}"
+"""
+
+    @property
+    def cri_address(self) -> str:
+        """gRPC target of the CRI services (same socket as containerd's API)."""
+        return f"unix://{self.address}"
 
     def _write_config(self) -> Path:
         disabled = [] if self._cri else ['"io.containerd.grpc.v1.cri"']
@@ -44,7 +80,7 @@ disabled_plugins = [{", ".join(disabled)}]
   address = "{self.address}.ttrpc"
 [debug]
   level = "debug"
-""")
+""" + (self._cri_config() if self._cri else ""))
         return cfg
 
     def _shim_wrapper(self) -> None:
@@ -75,9 +111,9 @@ disabled_plugins = [{", ".join(disabled)}]
         except OSError:
             return ""
 
-    def ctr(self, *args: str, input: bytes | None = None, timeout: float = 180,
-            check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        cmd = ["ctr", "--address", self.address, "--namespace", NAMESPACE, *args]
+    def ctr(self, *args: str, input: bytes | None = None, timeout: float = 180, check: bool = True,
+            namespace: str = NAMESPACE) -> subprocess.CompletedProcess[bytes]:
+        cmd = ["ctr", "--address", self.address, "--namespace", namespace, *args]
         result = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout,
                                 stdin=None if input is not None else subprocess.DEVNULL)
         if check and result.returncode != 0:
@@ -87,10 +123,16 @@ disabled_plugins = [{", ".join(disabled)}]
                                  f"containerd log:\n{self.log_tail()}")
         return result
 
-    def import_busybox(self) -> str:
+    def import_busybox(self, namespace: str = NAMESPACE) -> str:
         tar = build_oci_tar(self.dir / "busybox.tar")
-        self.ctr("images", "import", "--no-unpack=false", str(tar))
+        self.ctr("images", "import", "--no-unpack=false", str(tar), namespace=namespace)
         return IMAGE_NAME
+
+    def import_cri_images(self) -> tuple[str, str]:
+        """Busybox and the pause image into the CRI plugin's namespace; returns (busybox, pause)."""
+        pause = build_oci_tar(self.dir / "pause.tar", PAUSE_IMAGE_NAME, PAUSE_CMD)
+        self.ctr("images", "import", "--no-unpack=false", str(pause), namespace=CRI_NAMESPACE)
+        return self.import_busybox(CRI_NAMESPACE), PAUSE_IMAGE_NAME
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

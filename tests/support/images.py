@@ -11,6 +11,9 @@ import tarfile
 from pathlib import Path
 
 IMAGE_NAME = "docker.io/library/busybox:kata-py"
+# the CRI sandbox_image: busybox whose default command waits (for SIGTERM/SIGKILL) forever, like /pause
+PAUSE_IMAGE_NAME = "registry.k8s.io/pause:kata-py"
+PAUSE_CMD = ("/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done")
 APPLETS = ("sh", "echo", "cat", "sleep", "true", "false", "ls", "ps", "id", "env", "nproc", "grep", "head",
            "wc", "date", "hostname", "kill", "dd", "free", "uname", "test", "seq", "tr", "mkdir", "rm")
 
@@ -50,8 +53,8 @@ def _layer() -> bytes:
     return buf.getvalue()
 
 
-def build_oci_tar(dest: Path, name: str = IMAGE_NAME) -> Path:
-    """Write an OCI image layout tarball that `ctr images import` accepts."""
+def build_oci_tar(dest: Path, name: str = IMAGE_NAME, cmd: tuple[str, ...] = ("/bin/sh",)) -> Path:
+    """Write an OCI image layout tarball that `ctr images import` accepts; `cmd` is the image's Cmd."""
     blobs: dict[str, bytes] = {}
 
     def blob(data: bytes) -> dict[str, object]:
@@ -63,7 +66,7 @@ def build_oci_tar(dest: Path, name: str = IMAGE_NAME) -> Path:
     layer_gz = gzip.compress(layer_tar, mtime=0)
     config = {
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+        "config": {"Env": ["PATH=/bin"], "Cmd": list(cmd), "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]},
     }
     manifest = {
