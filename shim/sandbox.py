@@ -53,6 +53,7 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
+from .network import PodNetwork, netns_path
 from .process import Container
 from .resources.reconciler import Reconciler
 from .resources.sizing import ContainerResources, SandboxSizing, Target, calculate_sandbox
@@ -326,10 +327,24 @@ class VmSandbox:
         timer.mark("sandbox_create")
 
     async def _setup_network(self, sandbox_spec: dict[str, Any], timer: PhaseTimer) -> None:
-        """Mirror the pod's network namespace into the guest (no-op without one)."""
+        """Mirror the pod's network namespace into the guest (no-op without one): tap + tc mirred per
+        veth, a hot-plugged virtio-net NIC on each tap, addresses/routes/neighbours via the agent."""
+        path = netns_path(sandbox_spec)
+        if path is None:
+            return
+        if not await trio.Path(path).exists():
+            raise InvalidArgument(f"sandbox {self.id}: network namespace {path} does not exist")
+        assert self._vm is not None and self._agent is not None
+        self._network = PodNetwork(path)
+        async with agent_errors():
+            await self._network.setup(self._vm, self._agent)
+        timer.mark("network")
 
     async def _teardown_network(self) -> None:
-        """Undo _setup_network on the host. Idempotent."""
+        """Undo _setup_network on the host (qdiscs, taps; the netns is not ours). Idempotent."""
+        network, self._network = getattr(self, "_network", None), None
+        if network is not None:
+            await network.teardown()
 
     async def _setup_host_cgroups(self, sandbox_spec: dict[str, Any]) -> None:
         """Put QEMU (and its vCPU threads) into the pod's sandbox cgroup on the host."""
