@@ -15,7 +15,8 @@ IMAGE_NAME = "docker.io/library/busybox:kata-py"
 PAUSE_IMAGE_NAME = "registry.k8s.io/pause:kata-py"
 PAUSE_CMD = ("/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done")
 APPLETS = ("sh", "echo", "cat", "sleep", "true", "false", "ls", "ps", "id", "env", "nproc", "grep", "head",
-           "wc", "date", "hostname", "kill", "dd", "free", "uname", "test", "seq", "tr", "mkdir", "rm")
+           "wc", "date", "hostname", "kill", "dd", "free", "uname", "test", "seq", "tr", "mkdir", "rm",
+           "httpd", "wget", "nc", "ip")
 
 
 def _busybox() -> Path:
