@@ -1,0 +1,39 @@
+"""The agent's pure network parts: `ip -j` output parsing, route arguments and planning."""
+
+from __future__ import annotations
+
+from agent import network
+from agent.network import Address, Link, Route, parse_links, parse_routes, plan_routes, route_args
+
+
+def test_parse_links_skips_loopback_and_link_local() -> None:
+    doc = [
+        {"ifname": "lo", "link_type": "loopback", "address": "00:00:00:00:00:00", "mtu": 65536},
+        {"ifname": "eth0", "link_type": "ether", "address": "AA:BB:CC:00:00:01", "mtu": 1450, "addr_info": [
+            {"family": "inet", "local": "10.99.0.10", "prefixlen": 24, "scope": "global"},
+            {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link"}]},
+    ]
+    assert parse_links(doc) == [Link("eth0", "aa:bb:cc:00:00:01", 1450, (Address("10.99.0.10", 24),))]
+
+
+def test_parse_routes_and_args() -> None:
+    doc = [{"dst": "default", "gateway": "10.99.0.1", "dev": "eth0", "flags": []},
+           {"dst": "10.99.0.0/24", "dev": "eth0", "protocol": "kernel", "scope": "link", "prefsrc": "10.99.0.10"},
+           {"type": "broadcast", "dst": "10.99.0.255", "dev": "eth0"}]
+    default, connected = parse_routes(doc, 4)
+    assert default == Route("", gateway="10.99.0.1", device="eth0")
+    assert connected == Route("10.99.0.0/24", device="eth0", source="10.99.0.10", scope=network.RT_SCOPE_LINK)
+    assert connected.protocol == "kernel"
+    assert route_args(default) == ["route", "replace", "default", "via", "10.99.0.1", "dev", "eth0"]
+    assert route_args(Route("fd00::/64", device="eth0", family=6)) == ["-6", "route", "replace", "fd00::/64",
+                                                                       "dev", "eth0"]
+
+
+def test_plan_routes_keeps_kernel_routes_and_orders_gateways_last() -> None:
+    kernel = Route("10.99.0.0/24", device="eth0", scope=253, protocol="kernel")
+    stale = Route("10.5.0.0/16", gateway="10.99.0.9", device="eth0", protocol="boot")
+    wanted = [Route("", gateway="10.99.0.1", device="eth0"), Route("10.99.0.0/24", device="eth0", scope=253),
+              Route("192.168.0.0/24", device="eth0", scope=253)]
+    add, delete = plan_routes([kernel, stale], wanted)
+    assert add == [Route("192.168.0.0/24", device="eth0", scope=253), Route("", gateway="10.99.0.1", device="eth0")]
+    assert delete == [stale]
