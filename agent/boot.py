@@ -37,6 +37,14 @@ def mount_api_filesystems() -> list[str]:
             problems.append(str(e))
     if os.path.exists("/dev/pts/ptmx") and not os.path.exists("/dev/ptmx"):
         os.symlink("pts/ptmx", "/dev/ptmx")
+    # what udev/systemd would create; tools open /dev/stdin and friends by name
+    for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                         ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")):
+        if not os.path.lexists(link):
+            try:
+                os.symlink(target, link)
+            except OSError as e:
+                problems.append(f"{link}: {e}")
     return problems
 
 

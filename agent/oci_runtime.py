@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Sequence
 
 from agent.errors import Internal
@@ -131,7 +132,12 @@ class OciRuntime:
         self._run("resume", container_id)
 
     def update(self, container_id: str, resources_json: bytes) -> None:
-        self._run("update", "--resources", "-", container_id, input=resources_json)
+        # "--resources -" makes crun open /dev/stdin, which a guest without udev may not have: use a file
+        with tempfile.NamedTemporaryFile(prefix=f"update-{container_id}-", suffix=".json",
+                                         dir=self.state_root) as f:
+            f.write(resources_json)
+            f.flush()
+            self._run("update", "--resources", f.name, container_id)
 
     def ps(self, container_id: str) -> list[int]:
         """Pids (in the agent's namespace) of every process in the container's cgroup."""

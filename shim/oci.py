@@ -40,9 +40,14 @@ class PodRole:
     is_sandbox: bool  # the pause container (or a lone ctr container) owns the VM
 
 
+def container_type(annotations: dict[str, str]) -> str:
+    """"sandbox", "container", or "" for a container outside any pod (plain ctr)."""
+    return next((annotations[k] for k in CONTAINER_TYPE_KEYS if k in annotations), "")
+
+
 def pod_role(container_id: str, annotations: dict[str, str]) -> PodRole:
     """Raises InvalidArgument on an unknown container type or a container without its sandbox id."""
-    ctype = next((annotations[k] for k in CONTAINER_TYPE_KEYS if k in annotations), "")
+    ctype = container_type(annotations)
     sandbox_id = next((annotations[k] for k in (GROUP_KEY, *SANDBOX_ID_KEYS) if k in annotations), "")
     if ctype and ctype not in SANDBOX_TYPES | CONTAINER_TYPES:
         raise InvalidArgument(f"annotation container-type: unknown value {ctype!r}")

@@ -39,7 +39,7 @@ from vmm.errors import VmmError
 from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
 
-from . import mounts
+from . import mounts, oci
 from .annotations import GuestAssets, apply_annotations
 from .config import Config
 from .errors import (
@@ -53,8 +53,18 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
+from .factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
+from .factory.store import TemplateStore
+from .factory.template import build_template, restore_clone
 from .network import PodNetwork, netns_path
 from .process import Container
+from .resources.cgroups import (
+    CgroupManager,
+    detect_version,
+    plan_cgroups,
+    remove_overhead_root,
+    sandbox_cpu_limits,
+)
 from .resources.reconciler import Reconciler
 from .resources.sizing import ContainerResources, SandboxSizing, Target, calculate_sandbox
 
@@ -141,6 +151,7 @@ class VmSandbox:
         self.reconciler: Reconciler | None = None
         self._reconciler_scope = trio.CancelScope()
         self._containers: list[Container] = []  # the service's view, for the reconciler's provider
+        self._cgroups: CgroupManager | None = None
 
     # --- what the service uses ------------------------------------------------------------------
     @property
@@ -191,6 +202,8 @@ class VmSandbox:
         self._containers = list(containers)
         if self.reconciler is not None and self.vm_exit is None:
             self.reconciler.request()
+            if self._cgroups is not None:
+                self._nursery.start_soon(self._after_resize)
 
     def target(self) -> Target:
         """The VM size the running containers ask for (pure arithmetic in resources/sizing.py)."""
@@ -293,12 +306,73 @@ class VmSandbox:
         timer.log(accel=accel.name, boot=boot)
 
     async def _launch_vm(self, cfg: VmConfig, accel: AccelChoice, timer: PhaseTimer) -> str:
-        """Get a running VM with a connected agent into self._vm / self._agent; say how ("cold")."""
+        """Get a running VM with a connected agent into self._vm / self._agent; say how: "template"
+        (restored from a cached template), "template-built" (no template yet: one was built from a
+        fresh boot, then restored), or "cold" (templates off or unusable; the reason is logged)."""
+        if self.config.factory.template:
+            try:
+                how = await self._launch_from_template(cfg, accel, timer)
+                if how is not None:
+                    return how
+            except (VmmError, AgentError, OSError, trio.TooSlowError) as exc:
+                log.warning("sandbox %s: template start failed, booting cold: %s", self.id, exc)
+                await self._discard_vm()
         self._vm = QemuHypervisor(cfg, accel=accel, on_exit=self._on_vm_exit, start_timeout=30)
         await self._vm.start(self._nursery)
         timer.mark("vm_launch")
         self._agent = await self._connect_agent(self._vm, cfg, timer)
         return "cold"
+
+    async def _launch_from_template(self, cfg: VmConfig, accel: AccelChoice, timer: PhaseTimer) -> str | None:
+        """Restore a clone of the template for `cfg`, building the template first if there is none.
+
+        None: no template can be used (logged why). Raises VmmError, AgentError, OSError,
+        trio.TooSlowError; a template whose restore failed is removed so that it is rebuilt.
+        """
+        f = self.config.factory
+        store = TemplateStore(f.template_path(), f.template_cache_max_mb * (1 << 20))
+        try:
+            key = template_key(cfg, accel, guest_image_hash(cfg), qemu_version())
+        except NoTemplate as exc:
+            log.info("sandbox %s: no template for this VM: %s", self.id, exc)
+            return None
+        template = await trio.to_thread.run_sync(store.lookup, key)
+        how = "template"
+        if template is None:
+            with store.try_lock(key) as mine:
+                if not mine:
+                    log.info("sandbox %s: template %s is being built by another shim", self.id, key)
+                    return None
+                template = await trio.to_thread.run_sync(store.lookup, key)  # built while we looked?
+                if template is None:
+                    store.remove_stale_builds()
+                    template = await build_template(store, key, cfg, accel, work_dir=self.state_dir / "tpl",
+                                                    timeout=self.config.agent.dial_timeout_s,
+                                                    extra={"guest": guest_image_hash(cfg), "accel": accel.name,
+                                                           "memory_mib": cfg.memory_mib,
+                                                           "max_vcpus": cfg.max_vcpus})
+                    how = "template-built"
+            timer.mark("template_build")
+        try:
+            self._vm = await restore_clone(template, cfg, accel, self._nursery, on_exit=self._on_vm_exit)
+            timer.mark("vm_restore")
+            self._agent = await self._connect_agent(self._vm, cfg, timer)
+        except BaseException:
+            store.remove(key)  # never reuse a template that failed to come up
+            raise
+        log.info("sandbox %s: restored from template %s", self.id, key)
+        return how
+
+    async def _discard_vm(self) -> None:
+        """Drop a half-started VM and agent before falling back to another way of starting."""
+        agent, self._agent = self._agent, None
+        vm, self._vm = self._vm, None
+        with trio.CancelScope(shield=True):
+            if agent is not None:
+                await agent.aclose()
+            if vm is not None:
+                vm.on_exit = None  # its end is not the sandbox's
+                await vm.stop()
 
     async def _connect_agent(self, vm: QemuHypervisor, cfg: VmConfig, timer: PhaseTimer) -> GrpcAgent:
         deadline = trio.current_time() + self.config.agent.dial_timeout_s
@@ -347,10 +421,71 @@ class VmSandbox:
             await network.teardown()
 
     async def _setup_host_cgroups(self, sandbox_spec: dict[str, Any]) -> None:
-        """Put QEMU (and its vCPU threads) into the pod's sandbox cgroup on the host."""
+        """Put QEMU (and its vCPU threads) into the pod's sandbox cgroup on the host.
+
+        The sandbox cgroup sits next to the cgroupsPath containerd gave the sandbox container (Kata's
+        `kata_<name>`), so kubelet's pod limits above it still hold. Without a cgroupsPath (a bare OCI
+        spec) QEMU stays where the shim is.
+        """
+        cgroups_path = (sandbox_spec.get("linux") or {}).get("cgroupsPath") or ""
+        if not cgroups_path or self._vm is None or self._vm.pid() is None:
+            return
+        try:
+            plan = plan_cgroups(cgroups_path, self.id, version=detect_version(),
+                                sandbox_cgroup_only=self.config.runtime.sandbox_cgroup_only)
+        except ValueError as exc:
+            raise InvalidArgument(f"linux.cgroupsPath: {exc}") from None
+        manager = CgroupManager(plan)
+        self._cgroups = manager
+        for note in await trio.to_thread.run_sync(manager.create):
+            log.info("sandbox %s cgroups: %s", self.id, note)
+        await trio.to_thread.run_sync(manager.add_process, self._vm.pid())
+        await self._sync_host_cgroups()
+
+    async def _sync_host_cgroups(self) -> None:
+        """Apply the workload's CPU limits and move every (new) vCPU thread into the sandbox cgroup."""
+        if self._cgroups is None or self._vm is None or self.vm_exit is not None:
+            return
+        workload = []
+        for c in self._containers:
+            # the pause container's own shares say nothing about what the pod may use
+            if oci.container_type(c.spec.get("annotations", {})) == "sandbox":
+                continue
+            try:
+                workload.append((ContainerResources.from_oci(c.spec.get("linux", {}).get("resources")),
+                                 c.running()))
+            except ValueError:
+                continue
+        try:
+            tids = await self._vm.vcpu_thread_ids()
+            pid = self._vm.pid()
+            if pid is None:
+                return
+            await trio.to_thread.run_sync(self._cgroups.constrain_vcpus, pid, tids)
+            for note in await trio.to_thread.run_sync(self._cgroups.set_limits, sandbox_cpu_limits(workload)):
+                log.info("sandbox %s cgroups: %s", self.id, note)
+        except (VmmError, OSError) as exc:
+            log.warning("sandbox %s: host cgroups not updated: %s", self.id, exc)
+
+    async def _after_resize(self) -> None:
+        # vCPU hot-plug creates QEMU threads that start outside the sandbox cgroup: move them
+        if self.reconciler is not None:
+            with trio.move_on_after(120):
+                try:
+                    await self.reconciler.wait_converged(120)
+                except ShimError:
+                    pass
+        await self._sync_host_cgroups()
 
     async def _teardown_host_cgroups(self) -> None:
         """Remove the cgroups _setup_host_cgroups made. Idempotent."""
+        manager, self._cgroups = self._cgroups, None
+        if manager is not None:
+            try:
+                await trio.to_thread.run_sync(manager.delete)
+                await trio.to_thread.run_sync(remove_overhead_root, manager)
+            except OSError as exc:
+                log.warning("sandbox %s: removing host cgroups: %s", self.id, exc)
 
     async def _start_reconciler(self) -> None:
         assert self._vm is not None and self._agent is not None

@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 TASK_SERVICE = "containerd.task.v2.Task"
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
-# after a process exits, how long its output streams may take to drain before we give up on them
-OUTPUT_DRAIN_S = 10.0
 
 _STATUS = {
     State.CREATED: task_types.CREATED, State.RUNNING: task_types.RUNNING, State.PAUSED: task_types.PAUSED,
@@ -156,30 +154,26 @@ class TaskService:
         return pb.StartResponse(pid=proc.pid)
 
     async def _watch(self, container: Container, proc: Process) -> None:
-        """Pump a process's stdio and record its exit once all its output is delivered."""
+        """Pump a process's stdio, then record its exit: output first, so none of it is lost.
+
+        Like Kata's shim, WaitProcess is called only once stdout and stderr hit EOF (the agent may
+        forget a waited exec, and with it any output not yet read).
+        """
         agent = self.sandbox.agent
         status = LOST_EXIT_STATUS
         async with trio.open_nursery() as stdin_pump:
             if proc.stdio.has_stdin:
                 stdin_pump.start_soon(self._pump_stdin, agent, container.id, proc)
+            async with trio.open_nursery() as pumps:
+                # stdout is drained even with nowhere to copy it: a full guest pipe blocks the process
+                pumps.start_soon(self._pump_output, agent.read_stdout, container.id, proc, "stdout")
+                if not proc.terminal:
+                    pumps.start_soon(self._pump_output, agent.read_stderr, container.id, proc, "stderr")
             try:
-                async with trio.open_nursery() as pumps:
-                    # stdout is drained even with nowhere to copy it: a full guest pipe blocks the process
-                    pumps.start_soon(pump_output, agent.read_stdout(container.id, proc.exec_id),
-                                     proc.stdio, "stdout")
-                    if not proc.terminal:
-                        pumps.start_soon(pump_output, agent.read_stderr(container.id, proc.exec_id),
-                                         proc.stdio, "stderr")
-                    try:
-                        async with agent_errors():
-                            status = await agent.wait_process(container.id, proc.exec_id)
-                    except Exception as exc:  # the VM or agent is gone: the process is lost
-                        log.warning("%s: wait failed: %s", proc.name, exc)
-                        pumps.cancel_scope.cancel()
-                    # output keeps flowing after exit; give it a bounded time to reach containerd
-                    pumps.cancel_scope.deadline = trio.current_time() + OUTPUT_DRAIN_S
-            except Exception as exc:
-                log.warning("%s: output pump failed: %s", proc.name, exc)
+                async with agent_errors():
+                    status = await agent.wait_process(container.id, proc.exec_id)
+            except Exception as exc:  # the VM or agent is gone: the process is lost
+                log.warning("%s: wait failed: %s", proc.name, exc)
             # nobody reads stdin after exit; containerd may never send CloseIO (ctr doesn't when its
             # input ended before the task existed), so don't wait for it
             stdin_pump.cancel_scope.cancel()
@@ -191,6 +185,13 @@ class TaskService:
         if not proc.exec_id:
             with trio.CancelScope(shield=True):
                 await self.sandbox.resources_changed(self.containers.values())
+
+    async def _pump_output(self, read: Callable[[str, str], Any], cid: str, proc: Process, which: str) -> None:
+        try:
+            async with agent_errors():
+                await pump_output(read(cid, proc.exec_id), proc.stdio, which)
+        except Exception as exc:  # a lost stream must not lose the exit status
+            log.warning("%s: %s stream ended: %s", proc.name, which, exc)
 
     async def _pump_stdin(self, agent: Any, cid: str, proc: Process) -> None:
         async def write(data: bytes) -> int:

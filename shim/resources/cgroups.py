@@ -340,6 +340,15 @@ class CgroupManager:
                     target = posixpath.dirname(target)
 
 
+def remove_overhead_root(manager: CgroupManager) -> None:
+    """Remove the shared /kata_overhead parent once the last sandbox left it (v1 split layout)."""
+    if not manager.plan.split or manager.plan.version is not CgroupVersion.V1:
+        return
+    for root in manager._roots():
+        with contextlib.suppress(OSError):  # busy or not empty: another sandbox still uses it
+            os.rmdir(root + OVERHEAD_ROOT)
+
+
 # ----------------------------------------------------------------------------------- file helpers
 
 

@@ -44,7 +44,7 @@ def _cgroups() -> set[str]:
     found = set()
     for root, dirs, _ in os.walk("/sys/fs/cgroup"):
         for d in dirs:
-            if "kata" in d:
+            if d.startswith("kata_"):  # ours: kata_<sandbox> and kata_overhead
                 found.add(os.path.join(root, d))
     return found
 
