@@ -1,0 +1,88 @@
+"""VM templates end to end (issue #9): build on a miss, restore clones, every clone its own machine,
+a corrupted template rebuilt. Two cold boots (one per template build) and three restores in all."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from shim.config import Config, FactoryConfig, HypervisorConfig, RuntimeConfig
+from shim.factory.store import STATE_FILE, TemplateStore
+from shim.process import Container, Process
+from shim.sandbox import VmSandbox
+from shim.stdio import HostStdio
+from tests.e2e.test_sandbox_vm import collect, make_bundle
+
+pytestmark = pytest.mark.vm
+
+# prints 16 random bytes from the clone's kernel CRNG and the guest's wall clock
+PROBE = ("head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
+         "adjtimex | awk '/tv_sec/ {s=$2} /tv_usec/ {printf \"%d.%06d\\n\", s, $2}'")
+EXTRA_APPLETS = ("head", "od", "tr", "adjtimex", "awk")
+
+
+@pytest.fixture
+def state_root(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def probe_bundle(root: Path) -> Path:
+    bundle = make_bundle(root, ["sh", "-c", PROBE])
+    for applet in EXTRA_APPLETS:
+        (bundle / "rootfs" / "bin" / applet).symlink_to("busybox")
+    return bundle
+
+
+async def run_probe(config: Config, sid: str, bundle: Path) -> tuple[dict[str, float], str, float, float]:
+    """Start a sandbox, run the probe; returns (phase timings, random hex, guest clock, host clock)."""
+    spec = json.loads((bundle / "config.json").read_text())
+    async with trio.open_nursery() as nursery:
+        sandbox = VmSandbox(sid, config, nursery)
+        container = Container(sid, str(bundle), spec, True, Process(sid, "", HostStdio(False), False))
+        try:
+            with trio.fail_after(240):
+                await sandbox.create_container(container)
+                await sandbox.agent.start_container(sid)
+                out = await collect(sandbox.agent.read_stdout(sid, ""))
+                host_now = time.time()
+                assert await sandbox.agent.wait_process(sid, "") == 0
+            await sandbox.remove_container(container)
+        finally:
+            with trio.CancelScope(shield=True):
+                await sandbox.stop()
+        nursery.cancel_scope.cancel()
+    rand, clock = out.decode().split()
+    return sandbox.timings, rand, float(clock), host_now
+
+
+async def test_clones_of_one_template_are_distinct_machines_and_a_corrupt_template_is_rebuilt(
+        tmp_path: Path, state_root: Path):
+    templates = tmp_path / "templates"
+    guest = Config().guest_dir().resolve()  # pinned: a guest rebuilt meanwhile would change the key
+    config = Config(hypervisor=HypervisorConfig(guest_dir=str(guest)), runtime=RuntimeConfig(state_dir=str(state_root)),
+                    factory=FactoryConfig(template_dir=str(templates)))
+    bundle = probe_bundle(tmp_path)
+
+    first = await run_probe(config, "tpl-a", bundle)  # miss: builds the template, then restores from it
+    assert "template_build" in first[0] and "vm_restore" in first[0], first[0]
+    [template] = TemplateStore(templates).list()
+    second = await run_probe(config, "tpl-b", bundle)  # hit
+    assert "template_build" not in second[0] and "vm_restore" in second[0], second[0]
+
+    # every clone is its own machine: different CRNG output, the host's wall clock (to the second)
+    assert first[1] != second[1] and len(first[1]) == 32
+    for _, _, guest_clock, host_clock in (first, second):
+        assert abs(guest_clock - host_clock) < 1.0, (guest_clock, host_clock)
+
+    # a truncated state file is detected, the template rebuilt (never half-used)
+    state = template.path / STATE_FILE
+    state.chmod(0o600)
+    with open(state, "r+b") as f:
+        f.truncate(state.stat().st_size // 2)
+    third = await run_probe(config, "tpl-c", bundle)
+    assert "template_build" in third[0], third[0]
+    assert TemplateStore(templates).validate(template.key).meta["created"] > template.meta["created"]
