@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,12 @@ class PrivateContainerd:
         self.log = self.dir / "containerd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.kata_config = self.dir / "kata-py.toml"
-        self.kata_config.write_text(f'[runtime]\nstate_dir = "{self.kata_state}"\ndebug = true\n' + kata_config)
+        ours = f'state_dir = "{self.kata_state}"\ndebug = true'
+        if re.search(r"^\[runtime\]\s*$", kata_config, re.M):  # one [runtime] table: ours go into the caller's
+            text = re.sub(r"^\[runtime\]\s*$", lambda _: f"[runtime]\n{ours}", kata_config, count=1, flags=re.M)
+        else:
+            text = f"[runtime]\n{ours}\n{kata_config}"
+        self.kata_config.write_text(text)
         self._cri = cri
         self._pod_annotations = pod_annotations
         self.cni_conf_dir = self.dir / "cni" / "net.d"

@@ -1,0 +1,126 @@
+"""containerd's CRI plugin drives kata-py (issue #7): a pod is one VM; annotations are default-deny.
+
+Our own CRI client (tests/support/cri.py) against a private containerd with the CRI plugin on, runtime
+handler `kata-py`, pods on the host network (NamespaceOption network=NODE: no CNI needed here).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shim.config import Config
+from tests.support.containerd import RUNTIME_HANDLER, PrivateContainerd
+from tests.support.cri import CriClient, container_config, pod_config
+
+pytestmark = [pytest.mark.containerd, pytest.mark.vm]
+
+H = "io.katacontainers.config.hypervisor."
+
+
+def qemu_pids(ctd: PrivateContainerd) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and str(ctd.kata_state).encode() in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _cri(kata_config: str = "") -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
+    ctd = PrivateContainerd(kata_config=kata_config, cri=True).start()
+    try:
+        busybox, _pause = ctd.import_cri_images()
+        with CriClient(ctd.cri_address) as client:
+            yield ctd, client, busybox
+    finally:
+        ctd.cleanup()
+
+
+@pytest.fixture
+def cri_env() -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
+    yield from _cri()
+
+
+def test_pod_of_two_containers_in_one_vm(cri_env: tuple[PrivateContainerd, CriClient, str]):
+    ctd, client, busybox = cri_env
+    logs = ctd.dir / "pods"
+    logs.mkdir()
+    pod = pod_config("web", log_directory=str(logs))
+    pod_id = client.run_pod_sandbox(pod, RUNTIME_HANDLER)
+    try:
+        assert len(qemu_pids(ctd)) == 1, ctd.log_tail()
+        loop = ["sh", "-c", "echo started; while :; do sleep 1; done"]
+        c1 = client.create_container(pod_id, container_config("one", busybox, loop, log_path="one.log"), pod)
+        c2 = client.create_container(pod_id, container_config("two", busybox, loop, log_path="two.log"), pod)
+        client.start_container(c1)
+        client.start_container(c2)
+        for cid in (c1, c2):
+            assert client.container_status(cid).state == 1, client.container_status(cid)  # CONTAINER_RUNNING
+        assert {c.id for c in client.list_containers(pod_id)} == {c1, c2}
+
+        # both containers run on the pod VM's kernel: one boot id, not the host's, and still one QEMU
+        boot_ids = []
+        for cid in (c1, c2):
+            res = client.exec_sync(cid, ["sh", "-c", "echo hello-$(hostname); cat /proc/sys/kernel/random/boot_id"])
+            assert res.exit_code == 0, res
+            lines = res.stdout.decode().split()
+            assert lines[0].startswith("hello-"), res
+            boot_ids.append(lines[1])
+        assert boot_ids[0] == boot_ids[1]
+        assert boot_ids[0] != Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        assert len(qemu_pids(ctd)) == 1
+
+        failing = client.exec_sync(c2, ["sh", "-c", "echo oops >&2; exit 3"])
+        assert (failing.exit_code, failing.stderr) == (3, b"oops\n")
+
+        # the Update RPC reaches the shim (and its VM sizing) without error
+        client.update_container_resources(c1, cpu_quota=150000, cpu_period=100000, memory_limit=256 << 20)
+        status = client.container_status(c1)
+        assert status.state == 1
+
+        client.stop_container(c2, timeout_s=5)
+        assert client.container_status(c2).state == 2  # CONTAINER_EXITED
+        client.remove_container(c2)
+        assert [c.id for c in client.list_containers(pod_id)] == [c1]
+    finally:
+        client.stop_pod_sandbox(pod_id)
+        client.remove_pod_sandbox(pod_id)
+    assert client.list_containers(pod_id) == []
+    wait_for(lambda: not qemu_pids(ctd), 30, "QEMU gone after RemovePodSandbox")
+    wait_for(lambda: not ctd.stray_processes(), 30, "shim gone after RemovePodSandbox")
+
+
+def test_refused_annotations_fail_run_pod_sandbox(tmp_path: Path):
+    guest = Config().guest_dir().resolve()
+    config = (f'[hypervisor]\nvalid_asset_dirs = ["{guest}"]\n'
+              "[runtime]\nenable_annotations = ['config\\.hypervisor\\.(kernel|kernel_hash)']\n")
+    for ctd, client, _busybox in _cri(config):
+        cases = [
+            ({H + "default_vcpus": "2"}, "default_vcpus is not enabled"),
+            ({H + "kernel": str(guest / "vmlinux"), H + "kernel_hash": "ab" * 64}, "does not match"),
+            ({H + "kernel": "/etc/passwd", H + "kernel_hash": "ab" * 64}, "not under a valid asset directory"),
+        ]
+        for i, (ann, expected) in enumerate(cases):
+            with pytest.raises(grpc.RpcError) as info:
+                client.run_pod_sandbox(pod_config(f"bad{i}", annotations=ann), RUNTIME_HANDLER)
+            assert expected in info.value.details(), info.value.details()
+        assert not qemu_pids(ctd)
+        wait_for(lambda ctd=ctd: not ctd.stray_processes(), 30, "no shim left after refused pods")
