@@ -88,6 +88,7 @@ class QemuHypervisor:
         self._start_scope = trio.CancelScope()  # stop() during start cancels the start phase
         self._stop_lock = trio.Lock()  # one escalation at a time; later callers find it done
         self._resize_lock = trio.Lock()  # guards read-modify-write of the hotplug slots
+        self._unplug_pending: set[str] = set()  # vCPUs whose device_del the guest has not completed
         self._nics: dict[str, str] = {}  # NIC device id -> root port it sits on
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -340,8 +341,16 @@ class QemuHypervisor:
                 # Only devices we added have an id (under /machine/peripheral); the boot CPUs stay.
                 ours = sorted((s for s in present if s["qom-path"].startswith("/machine/peripheral/")),
                               key=_slot_key, reverse=True)
+                present_ids = {s["qom-path"].rsplit("/", 1)[1] for s in present}
+                self._unplug_pending &= present_ids  # the guest finished those meanwhile
                 for slot in ours[: len(present) - target]:
-                    if not await self._unplug(qmp, slot["qom-path"].rsplit("/", 1)[1], self._count_vcpus):
+                    dev_id = slot["qom-path"].rsplit("/", 1)[1]
+                    if dev_id in self._unplug_pending:
+                        # a second device_del of a CPU whose eject is still in flight crashed QEMU 7.2
+                        # here ("double free or corruption"): wait for the guest instead
+                        continue
+                    if not await self._unplug(qmp, dev_id, self._count_vcpus):
+                        self._unplug_pending.add(dev_id)
                         break  # the guest is slow or unwilling: do not pile up requests
             return await self._count_vcpus()
 
