@@ -54,6 +54,8 @@ from .errors import (
     Unimplemented,
 )
 from .factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
+from .factory.protocol import PoolError
+from .factory.protocol import request as pool_request
 from .factory.store import TemplateStore
 from .factory.template import build_template, restore_clone
 from .network import PodNetwork, netns_path
@@ -306,9 +308,17 @@ class VmSandbox:
         timer.log(accel=accel.name, boot=boot)
 
     async def _launch_vm(self, cfg: VmConfig, accel: AccelChoice, timer: PhaseTimer) -> str:
-        """Get a running VM with a connected agent into self._vm / self._agent; say how: "template"
-        (restored from a cached template), "template-built" (no template yet: one was built from a
-        fresh boot, then restored), or "cold" (templates off or unusable; the reason is logged)."""
+        """Get a running VM with a connected agent into self._vm / self._agent; say how: "pool" (a
+        ready VM from the `kata-py pool` service), "template" (restored from a cached template),
+        "template-built" (no template yet: one was built from a fresh boot, then restored), or "cold"
+        (templates off or unusable). Each fallback is logged with its reason."""
+        if self.config.factory.template and self.config.factory.pool_socket:
+            try:
+                if await self._launch_from_pool(cfg, accel, timer):
+                    return "pool"
+            except (VmmError, AgentError, OSError, trio.TooSlowError) as exc:
+                log.warning("sandbox %s: VM from the pool failed, trying the template: %s", self.id, exc)
+                await self._discard_vm()
         if self.config.factory.template:
             try:
                 how = await self._launch_from_template(cfg, accel, timer)
@@ -362,6 +372,25 @@ class VmSandbox:
             raise
         log.info("sandbox %s: restored from template %s", self.id, key)
         return how
+
+    async def _launch_from_pool(self, cfg: VmConfig, accel: AccelChoice, timer: PhaseTimer) -> bool:
+        """Adopt a ready VM from the pool (it moves the VM's sockets and shared dir into our state
+        dir). False if the pool has none for this VM shape (logged). Raises VmmError, AgentError."""
+        try:
+            key = template_key(cfg, accel, guest_image_hash(cfg), qemu_version())
+            reply = await pool_request(self.config.factory.pool_socket,
+                                       {"op": "take", "key": key, "state_dir": str(self.state_dir)}, timeout=5)
+        except (NoTemplate, PoolError, OSError) as exc:
+            log.info("sandbox %s: no VM from the pool: %s", self.id, exc)
+            return False
+        if not reply.get("ok") or not isinstance(reply.get("pid"), int):
+            log.info("sandbox %s: no VM from the pool: %s", self.id, reply.get("reason", reply))
+            return False
+        timer.mark("pool_take")
+        self._vm = QemuHypervisor(cfg, accel=accel, on_exit=self._on_vm_exit, start_timeout=30)
+        await self._vm.adopt(self._nursery, reply["pid"])
+        self._agent = await self._connect_agent(self._vm, cfg, timer)
+        return True
 
     async def _discard_vm(self) -> None:
         """Drop a half-started VM and agent before falling back to another way of starting."""

@@ -86,6 +86,8 @@ class QemuHypervisor:
         self._stopping = False
         self._qmp_lost = False
         self._start_scope = trio.CancelScope()  # stop() during start cancels the start phase
+        self._qmp_scope = trio.CancelScope()  # detach() ends our QMP session through it
+        self._detached = False  # handed to another process (warm pool): never killed or stopped by us
         self._stop_lock = trio.Lock()  # one escalation at a time; later callers find it done
         self._resize_lock = trio.Lock()  # guards read-modify-write of the hotplug slots
         self._unplug_pending: set[str] = set()  # vCPUs whose device_del the guest has not completed
@@ -114,6 +116,33 @@ class QemuHypervisor:
             raise VmStartError(f"cannot prepare state dir {cfg.state_dir}: {e}") from e
         await nursery.start(self._run, argv)
 
+    async def adopt(self, nursery: trio.Nursery, pid: int) -> None:
+        """Take over a running QEMU another process started (the warm pool), with its QMP socket
+        free at config.qmp_socket; watched through a pidfd from then on, managed as if started here.
+
+        Raises VmStartError if the process is gone or QMP does not answer; VmmError if not NEW.
+        """
+        if self._state is not _State.NEW:
+            raise VmmError(f"adopt() called on a VM in state {self._state.value}")
+        self._state = _State.STARTING
+        try:
+            proc = AdoptedProcess(pid)
+        except OSError as e:
+            self._finish(VmExit(None, "start-failed"))
+            raise VmStartError(f"cannot adopt QEMU pid {pid}: {e}") from e
+        await nursery.start(self._watch, proc)
+
+    async def detach(self) -> Any:
+        """Let go of a running VM without stopping it: close our QMP session, stop watching, never
+        kill it (another process adopts it). Returns the process, whose `wait()` the caller should
+        await to reap it if it is our child. Raises VmNotRunning."""
+        self._require_qmp()
+        self._detached = True
+        self._qmp_scope.cancel()
+        with trio.move_on_after(2):
+            await self.exited.wait()
+        return self._proc
+
     async def _run(self, argv: list[str], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log_fd = os.open(self.config.console_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -124,6 +153,9 @@ class QemuHypervisor:
             raise VmStartError(f"cannot run {argv[0]}: {e}") from e
         finally:
             os.close(log_fd)
+        await self._watch(proc, task_status=task_status)
+
+    async def _watch(self, proc: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._proc = proc
         reason = "start-failed"
         try:
@@ -136,13 +168,16 @@ class QemuHypervisor:
                 reason = "exited"
                 task_status.started()
                 inner.start_soon(self._kill_on_qmp_eof, proc, self._qmp)
-                await proc.wait()
+                with self._qmp_scope:
+                    await proc.wait()
                 inner.cancel_scope.cancel()
             if self._qmp_lost:
                 reason = "qmp-eof"
+            if self._detached:
+                reason = "detached"
         finally:
             with trio.CancelScope(shield=True):
-                if proc.returncode is None:
+                if proc.returncode is None and not self._detached:
                     proc.kill()
                     await proc.wait()
                 if self._stopping and reason != "start-failed":
@@ -175,6 +210,8 @@ class QemuHypervisor:
 
     async def _kill_on_qmp_eof(self, proc: trio.Process, qmp: QmpClient) -> None:
         await qmp.disconnected.wait()
+        if self._detached:
+            return
         with trio.move_on_after(QMP_EOF_GRACE):
             await proc.wait()
             return
@@ -188,7 +225,8 @@ class QemuHypervisor:
         self._qmp = None
         if self.exit_info is None:
             self.exit_info = info
-        for path in (self.config.qmp_socket, self.config.agent_socket, self.config.pid_file):
+        for path in () if self._detached else (self.config.qmp_socket, self.config.agent_socket,
+                                                self.config.pid_file):
             if path is not None:
                 path.unlink(missing_ok=True)  # QEMU leaves its sockets behind when killed
         if not self.exited.is_set():
@@ -209,6 +247,8 @@ class QemuHypervisor:
         if self._state is _State.NEW:
             self._finish(VmExit(None, "stopped"))
             return
+        if self._detached:
+            return  # someone else's now
         if self._state is _State.STARTING:
             self._stopping = True
             self._start_scope.cancel()  # start() then fails with VmStartError; _run kills QEMU
@@ -577,6 +617,41 @@ class QemuHypervisor:
                     await trio.sleep(MIGRATION_POLL)
         except trio.TooSlowError:
             raise MigrationError(f"migration not completed within {timeout} s") from None
+
+
+class AdoptedProcess:
+    """A QEMU this process did not spawn, watched and signalled through a pidfd (the subset of
+    trio.Process that _watch and stop() use). Its exit status goes to its parent: -1 here."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._fd = os.pidfd_open(pid)
+        self._exited = trio.Event()
+        self._polling = False  # trio lets one task wait on an fd: the others wait on _exited
+
+    async def wait(self) -> int:
+        if self.returncode is None and not self._polling:
+            self._polling = True
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            finally:
+                self._polling = False
+            self.returncode = -1
+            os.close(self._fd)
+            self._exited.set()
+        await self._exited.wait()
+        return -1
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._fd, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def _slot_key(slot: dict[str, Any]) -> tuple[int, ...]:

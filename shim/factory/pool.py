@@ -1,0 +1,240 @@
+"""`kata-py pool`: keep N VMs restored from the template and agent-ready, hand one to each shim that
+asks, refill in the background.
+
+A pool VM lives in `<runtime state_dir>/pool/vms/<id>/` (same filesystem as the sandboxes, so its
+files can be renamed into a sandbox's state dir). The pool never dials a VM's agent (the serial
+channel allows one connection per VM lifetime: that one is the shim's). Handing out (`take`): the
+VM's QMP session is closed, its sockets, console log, pid file and 9p-shared directory are renamed
+into the shim's state dir (QEMU keeps using them: it holds the listening sockets and the directory
+fd), and the pool stops watching it; the shim adopts the process by pid. From then on it is the
+shim's: the pool only reaps it when it exits (it stays QEMU's parent). When the pool stops, every VM
+it still owns is stopped; the socket is 0600 in a 0700 directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vmm.accel import AccelChoice, detect_accel
+from vmm.config import NinePShare, VmConfig
+from vmm.errors import VmmError
+from vmm.qemu import QemuHypervisor
+
+from ..config import Config
+from ..errors import InvalidArgument
+from .key import guest_image_hash, qemu_version, template_key
+from .protocol import PoolError, receive, send
+from .store import MIB, Template, TemplateStore
+from .template import build_template, restore_clone
+
+log = logging.getLogger(__name__)
+
+MOVED = ("qmp.sock", "agent.sock", "console.log", "qemu.pid")
+REQUEST_TIMEOUT = 10.0
+RETRY_AFTER_FAILURE = 5.0
+
+
+def default_socket(config: Config) -> Path:
+    return Path(config.runtime.state_dir) / "pool" / "pool.sock"
+
+
+class Pool:
+    """Ready VMs of one shape (the runtime config's default sandbox) and the service that hands them out."""
+
+    def __init__(self, config: Config, socket_path: Path, size: int) -> None:
+        self.config = config
+        self.socket_path = socket_path
+        self.size = size
+        self.root = Path(config.runtime.state_dir) / "pool" / "vms"
+        self.sandboxes = Path(config.runtime.state_dir) / "sandboxes"
+        f = config.factory
+        self.store = TemplateStore(f.template_path(), f.template_cache_max_mb * MIB)
+        self.ready: list[QemuHypervisor] = []
+        self._wanted = trio.Event()  # set when a VM was taken: refill
+        self._counter = 0
+        self.accel: AccelChoice | None = None
+        self.key = ""
+
+    def vm_config(self, vm_id: str) -> VmConfig:
+        from ..sandbox import VmSandbox  # the same VM shape a shim would build
+
+        cfg = dataclasses.replace(self.config, runtime=dataclasses.replace(self.config.runtime,
+                                                                             state_dir=str(self.root.parent)))
+        sandbox = VmSandbox(vm_id, cfg, None)  # type: ignore[arg-type]  # only its vm_config is used
+        state = self.root / vm_id
+        return dataclasses.replace(sandbox.vm_config(sandbox.guest_image()), state_dir=state,
+                                   shared=NinePShare(state / "shared"))
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fill the pool and serve requests until cancelled; then stop every VM still owned.
+
+        Raises InvalidArgument (no usable VM shape), VmmError/OSError from the first template build.
+        """
+        self.accel = detect_accel(self.config.hypervisor.accel)  # type: ignore[arg-type]
+        probe = self.vm_config("probe")
+        self.key = template_key(probe, self.accel, guest_image_hash(probe), qemu_version())
+        self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.socket_path.parent.chmod(0o700)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        listener = _listen(self.socket_path)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._fill, nursery)
+                nursery.start_soon(trio.serve_listeners, self._handle, [listener])
+                log.info("pool: %d VM(s) of template %s ready at %s", len(self.ready), self.key, self.socket_path)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                for vm in self.ready:
+                    await vm.stop()
+                self.ready.clear()
+                self.socket_path.unlink(missing_ok=True)
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    async def _template(self, work_dir: Path, cfg: VmConfig) -> Template:
+        assert self.accel is not None
+        template = await trio.to_thread.run_sync(self.store.lookup, self.key)
+        while template is None:
+            with self.store.try_lock(self.key) as mine:
+                if mine:
+                    template = await trio.to_thread.run_sync(self.store.lookup, self.key)
+                    if template is None:
+                        template = await build_template(
+                            self.store, self.key, cfg, self.accel, work_dir=work_dir,
+                            timeout=self.config.agent.dial_timeout_s,
+                            extra={"guest": guest_image_hash(cfg), "accel": self.accel.name,
+                                   "memory_mib": cfg.memory_mib, "max_vcpus": cfg.max_vcpus})
+                    return template
+            await trio.sleep(1)  # someone else builds it
+            template = await trio.to_thread.run_sync(self.store.lookup, self.key)
+        return template
+
+    async def _fill(self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
+        """Keep `size` VMs ready; the first fill completes before the pool reports itself started."""
+        started = False
+        while True:
+            while len(self.ready) < self.size:
+                self._counter += 1
+                vm_id = f"p{os.getpid()}-{self._counter}"
+                cfg = self.vm_config(vm_id)
+                try:
+                    template = await self._template(self.root / f"build-{vm_id}", cfg)
+                    (cfg.state_dir / "shared").mkdir(mode=0o700, parents=True, exist_ok=True)
+                    vm = await restore_clone(template, cfg, self.accel, nursery)  # type: ignore[arg-type]
+                    await vm.wait_agent_port_open(self.config.agent.dial_timeout_s)
+                except (VmmError, OSError, trio.TooSlowError) as exc:
+                    log.error("pool: cannot prepare a VM: %s", exc)
+                    shutil.rmtree(cfg.state_dir, ignore_errors=True)
+                    await trio.sleep(RETRY_AFTER_FAILURE)
+                    continue
+                self.ready.append(vm)
+                log.info("pool: VM %s ready (%d/%d)", vm_id, len(self.ready), self.size)
+            if not started:
+                started = True
+                task_status.started()
+            self._wanted = trio.Event()
+            await self._wanted.wait()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    request = await receive(stream)
+                    reply = await self._dispatch(request)
+                    await send(stream, reply)
+            except (PoolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                log.warning("pool: request failed: %s", exc)
+
+    async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            return {"ok": True, "size": self.size, "ready": {self.key: len(self.ready)}}
+        if op != "take":
+            return {"ok": False, "reason": f"unknown op {op!r}"}
+        if request.get("key") != self.key:
+            return {"ok": False, "reason": f"pool serves template {self.key}"}
+        state_dir = Path(str(request.get("state_dir", "")))
+        if state_dir.parent != self.sandboxes or not (state_dir / "shared").is_dir():
+            return {"ok": False, "reason": f"state_dir must be an existing {self.sandboxes}/<id> with shared/"}
+        if not self.ready:
+            return {"ok": False, "reason": "empty"}
+        vm = self.ready.pop(0)
+        self._wanted.set()
+        try:
+            pid = vm.pid()
+            proc = await vm.detach()
+            _move_into(vm.config.state_dir, state_dir)
+        except (VmmError, OSError) as exc:
+            log.error("pool: hand-out failed: %s", exc)
+            if proc_alive(vm):
+                os.kill(vm.pid() or 0, signal.SIGKILL)
+            return {"ok": False, "reason": f"hand-out failed: {exc}"}
+        trio.lowlevel.spawn_system_task(_reap, proc)  # its parent is still us
+        log.info("pool: handed QEMU pid %s to %s", pid, state_dir)
+        return {"ok": True, "pid": pid}
+
+
+def proc_alive(vm: QemuHypervisor) -> bool:
+    return vm.pid() is not None
+
+
+async def _reap(proc: Any) -> None:
+    try:
+        await proc.wait()
+    except Exception:  # noqa: BLE001 (reaping is best effort; never take the pool down)
+        pass
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Rename a pool VM's files into a sandbox's state dir. Raises OSError."""
+    for name in MOVED:
+        if (src / name).exists():
+            os.rename(src / name, dst / name)
+    os.rmdir(dst / "shared")  # empty: the sandbox has shared nothing yet
+    os.rename(src / "shared", dst / "shared")
+    shutil.rmtree(src, ignore_errors=True)
+
+
+def _listen(path: Path) -> trio.SocketListener:
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # never world-connectable, not even for an instant
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def run_pool(config: Config, socket_path: str | None = None, size: int | None = None) -> int:
+    """Run the pool until SIGTERM/SIGINT. Returns an exit status."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    path = Path(socket_path or config.factory.pool_socket or default_socket(config))
+    pool = Pool(config, path, config.factory.pool_size if size is None else size)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pool.serve)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except (InvalidArgument, VmmError, OSError) as exc:
+        log.error("pool: %s", exc)
+        return 1
+    return 0
