@@ -28,7 +28,7 @@ class PrivateContainerd:
         self.dir = Path(tempfile.mkdtemp(prefix="kpc-", dir="/tmp"))
         self.address = str(self.dir / "c.sock")
         self.bin = self.dir / "bin"
-        self.kata_state = self.dir / "kata"
+        self.kata_state = self.dir / "k"  # short: CRI sandbox ids are 64 chars and AF_UNIX paths max 107
         self.log = self.dir / "containerd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.kata_config = self.dir / "kata-py.toml"

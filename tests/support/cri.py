@@ -21,11 +21,11 @@ class ExecResult:
     exit_code: int
 
 
-def pod_config(name: str, *, uid: str = "", namespace: str = "default", host_network: bool = True,
+def pod_config(name: str, *, uid: str = "", namespace: str = "default", host_network: bool = True, host_ipc: bool = False,
                annotations: Mapping[str, str] | None = None, hostname: str = "",
                log_directory: str = "") -> cri.PodSandboxConfig:
     """A PodSandboxConfig; host_network=True is NamespaceOption network=NODE (no CNI involved)."""
-    ns = cri.NamespaceOption(network=cri.NODE if host_network else cri.POD, pid=cri.CONTAINER, ipc=cri.POD)
+    ns = cri.NamespaceOption(network=cri.NODE if host_network else cri.POD, pid=cri.CONTAINER, ipc=cri.NODE if host_ipc else cri.POD)
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=uid or f"uid-{name}", namespace=namespace, attempt=0),
         hostname=hostname or name, log_directory=log_directory, annotations=dict(annotations or {}),
