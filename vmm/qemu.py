@@ -63,7 +63,7 @@ class QemuHypervisor:
         qemu_binary: str = "qemu-system-x86_64",
         on_exit: ExitCallback | None = None,
         start_timeout: float = 10.0,
-        unplug_timeout: float = 5.0,
+        unplug_timeout: float = 15.0,
         virtio_mem_settle: float = 2.0,
         powerdown_timeout: float = 0.0,
     ) -> None:
@@ -91,6 +91,7 @@ class QemuHypervisor:
         self._stop_lock = trio.Lock()  # one escalation at a time; later callers find it done
         self._resize_lock = trio.Lock()  # guards read-modify-write of the hotplug slots
         self._unplug_pending: set[str] = set()  # vCPUs whose device_del the guest has not completed
+        self._tainted_slots: set[tuple[int, ...]] = set()  # slots of those: not reused
         self._nics: dict[str, str] = {}  # NIC device id -> root port it sits on
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -370,8 +371,17 @@ class QemuHypervisor:
             slots = await qmp.execute("query-hotpluggable-cpus")
             present = [s for s in slots if "qom-path" in s]
             # One vCPU per slot: -smp N,maxcpus=M without threads>1 (what cmdline.py builds).
+            self._unplug_pending &= {s["qom-path"].rsplit("/", 1)[1] for s in present}
+            if target > len(present) and self._unplug_pending:
+                # QEMU 7.2 under TCG crashed ("double free or corruption") on a CPU device_add while
+                # another CPU's eject was still in flight: grow only once the guest finished it
+                raise HotplugError(f"vCPU unplug of {sorted(self._unplug_pending)} still in flight",
+                                   current=len(present))
             if target > len(present):
-                free = sorted((s for s in slots if "qom-path" not in s), key=_slot_key)
+                # a slot whose eject outlived unplug_timeout is never reused: re-adding a CPU there
+                # after the late eject crashed QEMU 7.2 ("double free or corruption")
+                free = sorted((s for s in slots if "qom-path" not in s and _slot_key(s) not in self._tainted_slots),
+                              key=_slot_key)
                 for slot in free[: target - len(present)]:
                     dev_id = _cpu_device_id(slot["props"])
                     # Pass every prop unchanged: QEMU may grow new ones (protocols.md §7).
@@ -391,6 +401,7 @@ class QemuHypervisor:
                         continue
                     if not await self._unplug(qmp, dev_id, self._count_vcpus):
                         self._unplug_pending.add(dev_id)
+                        self._tainted_slots.add(_slot_key(slot))
                         break  # the guest is slow or unwilling: do not pile up requests
             return await self._count_vcpus()
 
