@@ -10,6 +10,7 @@ guest kernel's name (eth0, ...); the host learns it from UpdateInterface's answe
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -117,6 +118,9 @@ def _key(r: Route) -> tuple[str, str, int]:
     return (r.dest, r.device, r.family)
 
 
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+
+
 class Ip:
     """Runs `ip`; raises InvalidArgument with its stderr when a command fails."""
 
@@ -155,8 +159,8 @@ class Network:
             time.sleep(0.1)
 
     def update_interface(self, mac: str, mtu: int, addresses: Sequence[Address]) -> Link:
-        if not mac:
-            raise InvalidArgument("interface: hw_addr is required")
+        if not _MAC.fullmatch(mac or ""):
+            raise InvalidArgument(f"interface.hw_addr: {mac!r} is not a MAC address")
         link = self._find(mac)
         self.ip("link", "set", "dev", "lo", "up")
         if mtu:

@@ -115,9 +115,11 @@ def test_health_version_details(agent: AgentProcess) -> None:
     assert "9p" in d.agent_details.storage_handlers
 
 
-def test_network_rpcs_unimplemented(agent: AgentProcess) -> None:
-    code, _ = _code(agent.stub.ListInterfaces, pb.google_dot_protobuf_dot_empty__pb2.Empty())
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+def test_update_interface_for_an_unknown_nic_is_a_clear_error(agent: AgentProcess) -> None:
+    # the guest is untrusting in both directions: a MAC that matches no NIC must not be guessed at
+    code, message = _code(agent.stub.UpdateInterface, pb.UpdateInterfaceRequest(
+        interface=pb.Interface(hw_addr="not-a-mac", name="eth9")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, message)
 
 
 def test_sandbox_twice_already_exists(agent: AgentProcess) -> None:
