@@ -36,7 +36,8 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
     - hooks are dropped (they name host binaries);
     - AppArmor/SELinux labels are dropped (host policy; the guest kernel does not load it);
     - linux.cgroupsPath is set under the kata-py parent, whatever the host's cgroup driver used;
-    - process.terminal follows the request.
+    - process.terminal follows the request;
+    - a hostname gets the UTS namespace it needs.
 
     Raises InvalidArgument when the spec has no `process` object.
     """
@@ -60,6 +61,10 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
         if _HOST_NS_PATH.match(ns.get("path", "")):
             del ns["path"]
         namespaces.append(ns)
+    if out.get("hostname") and not any(ns.get("type") == "uts" for ns in namespaces):
+        # CRI leaves the UTS namespace out for host-network pods but still sets a hostname, which
+        # runc/crun refuse without one; the VM is the pod's host, so a private UTS is right here
+        namespaces.append({"type": "uts"})
     linux["namespaces"] = namespaces
     linux["cgroupsPath"] = cgroups_path(container_id)
     return out

@@ -124,7 +124,14 @@ def start(args: ShimArgs, stdin: bytes) -> str:
 
 
 def sandbox_state_dir(state_root: str, sandbox_id: str) -> Path:
-    return Path(state_root) / "sandboxes" / sandbox_id
+    """Where a sandbox keeps its sockets and shared dir.
+
+    CRI ids are 64 hex digits: naming the directory after the whole id would push
+    <dir>/agent.sock past the 107-byte unix socket limit, so long ids are shortened (by hash, so
+    the shim and `delete` agree without sharing state).
+    """
+    name = sandbox_id if len(sandbox_id) <= 24 else hashlib.sha256(sandbox_id.encode()).hexdigest()[:24]
+    return Path(state_root) / "sandboxes" / name
 
 
 def delete(args: ShimArgs) -> bytes:

@@ -8,6 +8,7 @@ create_container / remove_container / resources_changed / stop; it never sees QE
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -58,6 +59,7 @@ from .factory.protocol import PoolError
 from .factory.protocol import request as pool_request
 from .factory.store import TemplateStore
 from .factory.template import build_template, restore_clone
+from .manager import sandbox_state_dir
 from .network import PodNetwork, netns_path
 from .process import Container
 from .resources.cgroups import (
@@ -138,7 +140,7 @@ class VmSandbox:
         self.id = sandbox_id
         self.config = config
         self._nursery = nursery
-        self.state_dir = Path(config.runtime.state_dir) / "sandboxes" / sandbox_id
+        self.state_dir = sandbox_state_dir(config.runtime.state_dir, sandbox_id)
         self.shared_dir = self.state_dir / "shared"
         self._vm: QemuHypervisor | None = None
         self._agent: GrpcAgent | None = None
@@ -178,9 +180,11 @@ class VmSandbox:
         rootfs = self._share_rootfs(container)
         timer.mark("rootfs")
         try:
+            guest_spec = self._share_mounts(container)
+            timer.mark("mounts")
             async with agent_errors():
                 container.init.guest_pid = await self.agent.create_container(
-                    container.id, container.spec, rootfs, terminal=container.init.terminal,
+                    container.id, guest_spec, rootfs, terminal=container.init.terminal,
                     stdin=container.init.stdio.has_stdin)
         except BaseException:
             self._unshare_rootfs(container)
@@ -562,6 +566,44 @@ class VmSandbox:
             self._unshare_rootfs(container)
             raise Internal(f"container {container.id}: rootfs: {exc}") from exc
         return Storage(driver="", source="", mount_point=f"{GUEST_SHARED}/containers/{container.id}/rootfs")
+
+    def _share_mounts(self, container: Container) -> dict[str, Any]:
+        """The spec as the guest must see it: every host bind mount shared through the 9p directory.
+
+        Only what the spec names becomes visible in the guest, one bind mount per source (read-only
+        where the spec says ro). /dev/shm is backed by a tmpfs inside the guest instead of the host's
+        (CRI hands each pod a host shm directory that the guest could not share memory through).
+        Raises InvalidArgument for a missing source, Internal when a mount fails.
+        """
+        spec = copy.deepcopy(container.spec)
+        mounts_dir = self.shared_dir / "containers" / container.id / "mounts"
+        for i, m in enumerate(spec.get("mounts") or []):
+            options = list(m.get("options") or [])
+            if m.get("type") not in ("bind", "rbind") and not {"bind", "rbind"} & set(options):
+                continue  # proc, tmpfs, sysfs, devpts, mqueue...: made by the guest itself
+            if m.get("destination") == "/dev/shm":
+                m.update(type="tmpfs", source="shm", options=["nosuid", "noexec", "nodev", "mode=1777"])
+                continue
+            source = m.get("source", "")
+            if not source.startswith("/") or not os.path.exists(source):
+                raise InvalidArgument(f"mounts[{i}].source: {source!r} does not exist on the host")
+            name = f"{i}-{os.path.basename(source.rstrip('/')) or 'root'}"
+            target = mounts_dir / name
+            try:
+                mounts_dir.mkdir(parents=True, exist_ok=True)
+                if os.path.isdir(source):
+                    target.mkdir(exist_ok=True)
+                else:
+                    target.touch(exist_ok=True)
+                mounts.mount(source, str(target), None, mounts.MS_BIND | mounts.MS_REC)
+                if "ro" in options:
+                    mounts.mount(source, str(target), None,
+                                 mounts.MS_BIND | mounts.MS_REMOUNT | mounts.MS_RDONLY)
+            except OSError as exc:
+                raise Internal(f"container {container.id}: mounts[{i}] {source}: {exc}") from exc
+            m["source"] = f"{GUEST_SHARED}/containers/{container.id}/mounts/{name}"
+            m["type"] = "bind"
+        return spec
 
     def _unshare_rootfs(self, container: Container) -> None:
         shared = self.shared_dir / "containers" / container.id

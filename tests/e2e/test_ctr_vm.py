@@ -54,14 +54,23 @@ def busybox(containerd: PrivateContainerd) -> str:
     return containerd.import_busybox()
 
 
-def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd, busybox: str):
-    result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, busybox, "rm1", "sh", "-c",
-                            "echo out-line; echo err-line >&2; uname -r; exit 7", check=False)
+def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd, busybox: str, tmp_path: Path):
+    shared = tmp_path / "host-data"
+    shared.mkdir()
+    (shared / "note.txt").write_text("from-the-host\n")
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", RUNTIME,
+        "--mount", f"type=bind,src={shared},dst=/data,options=rbind:ro", busybox, "rm1", "sh", "-c",
+        "echo out-line; echo err-line >&2; uname -r; cat /data/note.txt; "
+        "touch /data/x 2>/dev/null && echo writable || echo read-only; exit 7", check=False)
     out, err = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 7, (out, err, containerd.log_tail())
     assert "out-line" in out and "err-line" in err
     # the container ran under the guest's kernel, not the host's
     assert os.uname().release not in out or "6.1" in out
+    # a host bind mount named by the spec reaches the guest, read-only as asked
+    assert "from-the-host" in out and "read-only" in out, out
+    assert not (shared / "x").exists()
     assert not qemu_pids(containerd)
 
 
