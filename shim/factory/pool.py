@@ -31,8 +31,8 @@ from vmm.errors import VmmError
 from vmm.qemu import QemuHypervisor
 
 from ..config import Config
-from ..errors import InvalidArgument
-from .key import guest_image_hash, qemu_version, template_key
+from ..errors import ShimError
+from .key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .protocol import PoolError, receive, send
 from .store import MIB, Template, TemplateStore
 from .template import build_template, restore_clone
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 MOVED = ("qmp.sock", "agent.sock", "console.log", "qemu.pid")
 REQUEST_TIMEOUT = 10.0
 RETRY_AFTER_FAILURE = 5.0
+RECHECK_KEY_S = 30.0  # a rebuilt guest image (or config) changes the key: ready VMs are then useless
 
 
 def default_socket(config: Config) -> Path:
@@ -78,11 +79,11 @@ class Pool:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fill the pool and serve requests until cancelled; then stop every VM still owned.
 
-        Raises InvalidArgument (no usable VM shape), VmmError/OSError from the first template build.
+        Raises NoTemplate (this VM shape cannot be templated), ShimError (no guest image), VmmError /
+        OSError from the first template build.
         """
         self.accel = detect_accel(self.config.hypervisor.accel)  # type: ignore[arg-type]
-        probe = self.vm_config("probe")
-        self.key = template_key(probe, self.accel, guest_image_hash(probe), qemu_version())
+        self.key = self._current_key()
         self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.socket_path.parent.chmod(0o700)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -100,6 +101,26 @@ class Pool:
                 self.ready.clear()
                 self.socket_path.unlink(missing_ok=True)
                 shutil.rmtree(self.root, ignore_errors=True)
+
+    def _current_key(self) -> str:
+        """Raises NoTemplate, InvalidVmConfig, FailedPrecondition (no guest image), OSError."""
+        assert self.accel is not None
+        probe = self.vm_config("probe")
+        return template_key(probe, self.accel, guest_image_hash(probe), qemu_version())
+
+    async def _recycle_if_stale(self) -> None:
+        """Stop the ready VMs if the template key changed since they were made."""
+        try:
+            key = self._current_key()
+        except (NoTemplate, ShimError, VmmError, OSError) as exc:
+            log.warning("pool: cannot recompute the template key: %s", exc)
+            return
+        if key != self.key:
+            log.info("pool: template key changed (%s -> %s): replacing %d ready VM(s)", self.key, key,
+                     len(self.ready))
+            stale, self.ready, self.key = self.ready, [], key
+            for vm in stale:
+                await vm.stop()
 
     async def _template(self, work_dir: Path, cfg: VmConfig) -> Template:
         assert self.accel is not None
@@ -143,7 +164,9 @@ class Pool:
                 started = True
                 task_status.started()
             self._wanted = trio.Event()
-            await self._wanted.wait()
+            with trio.move_on_after(RECHECK_KEY_S):
+                await self._wanted.wait()
+            await self._recycle_if_stale()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -234,7 +257,7 @@ def run_pool(config: Config, socket_path: str | None = None, size: int | None = 
 
     try:
         trio.run(main)
-    except (InvalidArgument, VmmError, OSError) as exc:
+    except (NoTemplate, ShimError, VmmError, OSError) as exc:
         log.error("pool: %s", exc)
         return 1
     return 0
