@@ -32,6 +32,8 @@ class HypervisorConfig:
     memory_slots: int = 8
     memory_hotplug: str = "pc-dimm"  # pc-dimm | virtio-mem
     tb_size_mib: int = 64  # TCG translation buffer; QEMU's 1 GiB default bloats every VM
+    # multi-threaded TCG crashes QEMU 7.2 on vCPU hot-plug once its buffer slices run out
+    tcg_multithread: bool = False
     machine: str = "q35"
     # directories whose files io.katacontainers.config.hypervisor.{kernel,initrd,image} may name
     valid_asset_dirs: tuple[str, ...] = ()

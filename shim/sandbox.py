@@ -272,7 +272,7 @@ class VmSandbox:
             guest_log_level="debug" if self.config.runtime.debug else "info", name=f"kata-py-{self.id[:16]}",
             machine=h.machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
             max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
-            tb_size_mib=h.tb_size_mib, agent=channel, shared=NinePShare(self.shared_dir))
+            tb_size_mib=h.tb_size_mib, tcg_multithread=h.tcg_multithread, agent=channel, shared=NinePShare(self.shared_dir))
 
     async def start(self, sandbox_spec: dict[str, Any]) -> None:
         """Boot the VM and bring its agent up.

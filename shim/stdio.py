@@ -84,6 +84,14 @@ class HostStdio:
         if fd is not None:
             os.close(fd)
 
+    def close_output(self, which: str) -> None:
+        """Our O_RDWR handle counts as a writer: drop it at the end of the stream, so the reader sees
+        EOF (CRI's ExecSync waits for that before it asks for the exit)."""
+        fd = getattr(self, which)
+        setattr(self, which, None)
+        if fd is not None:
+            os.close(fd)
+
     def close(self) -> None:
         for name in ("stdin_reader", "stdin_keepalive", "stdout", "stderr"):
             fd = getattr(self, name)
@@ -124,6 +132,7 @@ async def pump_output(source: AsyncIterator[bytes], io: HostStdio, which: str) -
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+        io.close_output(which)
     return copied
 
 

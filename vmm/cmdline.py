@@ -114,7 +114,7 @@ def _machine(cfg: VmConfig) -> str:
 def _accel(cfg: VmConfig, accel: AccelChoice) -> str:
     if accel.name == "kvm":
         return "kvm"
-    return f"tcg,thread=multi,tb-size={cfg.tb_size_mib}"
+    return f"tcg,thread={'multi' if cfg.tcg_multithread else 'single'},tb-size={cfg.tb_size_mib}"
 
 
 def _cpu(cfg: VmConfig, accel: AccelChoice) -> str:
@@ -142,7 +142,7 @@ def _agent_devices(cfg: VmConfig, bus: str) -> list[str]:
 
 def _shared_devices(cfg: VmConfig, bus: str) -> list[str]:
     if isinstance(cfg.shared, NinePShare):
-        return ["-fsdev", f"local,id=fs0,path={opt(cfg.shared.path)},security_model=none",
+        return ["-fsdev", f"local,id=fs0,path={opt(cfg.shared.path)},security_model=none,multidevs=remap",
                 "-device", f"virtio-9p-{bus},fsdev=fs0,mount_tag={SHARED_MOUNT_TAG}"]
     if isinstance(cfg.shared, VirtioFsShare):
         return ["-chardev", f"socket,id=vfs0,path={opt(cfg.shared.socket_path)}",

@@ -111,6 +111,10 @@ class VmConfig:
     memory_hotplug: MemoryHotplug = "pc-dimm"
     virtio_mem_block_mib: int = 2
     tb_size_mib: int = 64  # TCG translation buffer: the 1 GiB default fills up (guest-notes)
+    # Multi-threaded TCG gives each vCPU a slice of the translation buffer; QEMU 7.2 aborts
+    # (tcg_region_initial_alloc__locked: assertion failed) when a vCPU is hot-plugged after the
+    # slices ran out, which template clones reach quickly. Single-threaded TCG has no slices.
+    tcg_multithread: bool = False
 
     agent: AgentChannel = field(default_factory=SerialChannel)
     shared: SharedDir | None = None

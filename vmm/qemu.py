@@ -387,6 +387,12 @@ class QemuHypervisor:
                     # Pass every prop unchanged: QEMU may grow new ones (protocols.md §7).
                     args = {"driver": slot["type"], "id": dev_id, **slot["props"]}
                     await self._hotplug_step(qmp, "device_add", args, self._count_vcpus)
+            elif target < len(present) and self.accel_choice.name == "tcg" and not self.config.tcg_multithread:
+                # single-threaded TCG runs every vCPU on one thread: unplugging one joins that very
+                # thread and QEMU 7.2 aborts ("qemu_thread_join: Resource deadlock avoided"). Keep the
+                # vCPUs; the host cgroup quota still shrinks to what the containers ask for.
+                log.info("vCPU unplug skipped under single-threaded TCG (%d present, %d wanted)",
+                         len(present), target)
             elif target < len(present):
                 # Only devices we added have an id (under /machine/peripheral); the boot CPUs stay.
                 ours = sorted((s for s in present if s["qom-path"].startswith("/machine/peripheral/")),

@@ -17,9 +17,12 @@ from protos.containerd.runtime.v2.task import shim_pb2
 from shim.manager import socket_address, socket_path
 from tests.e2e.test_ctr_vm import qemu_pids, task_status, wait_for
 from tests.support.containerd import NAMESPACE, RUNTIME, PrivateContainerd
+from vmm.accel import detect_accel
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm]
 MiB = 1 << 20
+# vCPU hot-unplug needs KVM or multi-threaded TCG (see vmm/config.py tcg_multithread)
+UNPLUG_WORKS = detect_accel("auto").name == "kvm"
 
 
 def guest(ctd: PrivateContainerd, cid: str, script: str) -> str:
@@ -44,7 +47,7 @@ def vcpu_cgroups(qemu_pid: int) -> dict[str, str]:
     found = {}
     for tid in os.listdir(f"/proc/{qemu_pid}/task"):
         comm = Path(f"/proc/{qemu_pid}/task/{tid}/comm").read_text().strip()
-        if comm.startswith("CPU "):
+        if comm.endswith(("/TCG", "/KVM")):  # "CPU 1/KVM", or "ALL CPUs/TCG" for single-threaded TCG
             lines = Path(f"/proc/{qemu_pid}/task/{tid}/cgroup").read_text().splitlines()
             cpu = next((ln for ln in lines if re.match(r"\d+:[^:]*\bcpu\b[^:]*:", ln)), lines[0])
             found[comm] = cpu.split(":", 2)[2]
@@ -87,8 +90,8 @@ def test_vm_grows_and_shrinks_with_its_containers(containerd: PrivateContainerd)
 
         # the vCPU threads sit in the sandbox cgroup, constrained to the containers' quota
         (qemu,) = qemu_pids(ctd)
-        cgroups = wait_for(lambda: (lambda c: c if len(c) == 3 and len(set(c.values())) == 1 else None)(
-            vcpu_cgroups(qemu)), timeout=30, what="3 vCPU threads in one cgroup")
+        cgroups = wait_for(lambda: (lambda c: c if c and len(set(c.values())) == 1 else None)(
+            vcpu_cgroups(qemu)), timeout=30, what="the vCPU threads in one cgroup")
         sandbox_cgroup = next(iter(cgroups.values()))
         assert sandbox_cgroup.endswith("/kata_big"), cgroups
         assert cpu_quota_us(sandbox_cgroup) == 200_000
@@ -102,17 +105,24 @@ def test_vm_grows_and_shrinks_with_its_containers(containerd: PrivateContainerd)
         wait_for(lambda: nproc(ctd, "big") == 4, timeout=60, what="4 vCPUs with the second container")
         wait_for(lambda: mem_total_kib(ctd, "big") >= grown + 100 * 1024, timeout=60, what="128 MiB more")
         wait_for(lambda: cpu_quota_us(sandbox_cgroup) == 300_000, timeout=30, what="quota 3 CPUs")
-        # ...and its exit shrinks the vCPUs again
+        # ...and its exit shrinks the pod again: the host quota always; the vCPUs themselves where QEMU
+        # can unplug them (not under single-threaded TCG, the default here: see vmm/config.py)
         ctd.ctr("tasks", "kill", "--signal", "SIGKILL", "small")
         wait_for(lambda: task_status(ctd, "small") == "STOPPED", what="small stopped")
-        wait_for(lambda: nproc(ctd, "big") == 3, timeout=90, what="back to 3 vCPUs after the exit")
+        wait_for(lambda: cpu_quota_us(sandbox_cgroup) == 200_000, timeout=30, what="quota back to 2 CPUs")
+        if UNPLUG_WORKS:
+            wait_for(lambda: nproc(ctd, "big") == 3, timeout=90, what="back to 3 vCPUs after the exit")
         ctd.ctr("tasks", "delete", "small")
         ctd.ctr("containers", "delete", "small")
 
         # Task Update (what CRI's UpdateContainerResources sends) resizes a running container
-        trio.run(update_task, ctd, "big", "big", {"cpu": {"quota": 100_000, "period": 100_000}})
-        wait_for(lambda: nproc(ctd, "big") == 2, timeout=90, what="2 vCPUs after Update to 1 CPU")
+        trio.run(update_task, ctd, "big", "big", {"cpu": {"quota": 100_000, "period": 100_000},
+                                                   "memory": {"limit": 384 * MiB}})
         wait_for(lambda: cpu_quota_us(sandbox_cgroup) == 100_000, timeout=30, what="quota 1 CPU")
+        wait_for(lambda: mem_total_kib(ctd, "big") >= grown + 100 * 1024, timeout=60,
+                 what="memory grown to the updated 384 MiB limit")
+        if UNPLUG_WORKS:
+            wait_for(lambda: nproc(ctd, "big") == 2, timeout=90, what="2 vCPUs after Update to 1 CPU")
     finally:
         for cid in ("small", "big"):
             ctd.ctr("tasks", "kill", "--signal", "SIGKILL", cid, check=False)

@@ -37,7 +37,7 @@ def pairs(argv: list[str]) -> list[tuple[str, str]]:
 CASES = [
     # (id, config changes, accel, expected (option, value) pairs present)
     ("defaults", {}, TCG, [
-        ("-machine", "q35"), ("-accel", "tcg,thread=multi,tb-size=64"), ("-cpu", "max"),
+        ("-machine", "q35"), ("-accel", "tcg,thread=single,tb-size=64"), ("-cpu", "max"),
         ("-nodefaults", ""), ("-no-user-config", ""), ("-display", "none"),
         ("-smp", "1,maxcpus=4"), ("-m", "512M,slots=4,maxmem=4096M"),
         ("-qmp", f"unix:{S}/qmp.sock,server=on,wait=off"),
@@ -53,7 +53,8 @@ CASES = [
     ]),
     ("kvm uses host cpu", {}, KVM, [("-accel", "kvm"), ("-cpu", "host")]),
     ("explicit cpu and tb size", {"cpu_model": "qemu64", "tb_size_mib": 32}, TCG,
-     [("-cpu", "qemu64"), ("-accel", "tcg,thread=multi,tb-size=32")]),
+     [("-cpu", "qemu64"), ("-accel", "tcg,thread=single,tb-size=32")]),
+    ("multi-threaded tcg on request", {"tcg_multithread": True}, TCG, [("-accel", "tcg,thread=multi,tb-size=64")]),
     ("vcpus", {"vcpus": 2, "max_vcpus": 8}, TCG, [("-smp", "2,maxcpus=8")]),
     ("no memory hotplug", {"max_memory_mib": 512}, TCG, [("-m", "512M")]),
     ("virtio-mem", {"memory_hotplug": "virtio-mem", "max_memory_mib": 2560}, TCG, [
@@ -63,7 +64,7 @@ CASES = [
     ("serial socket elsewhere", {"agent": SerialChannel(Path("/tmp/a.sock"))}, TCG,
      [("-chardev", "socket,id=agentchr,path=/tmp/a.sock,server=on,wait=off")]),
     ("9p", {"shared": NinePShare(S / "shared")}, TCG, [
-        ("-fsdev", f"local,id=fs0,path={S}/shared,security_model=none"),
+        ("-fsdev", f"local,id=fs0,path={S}/shared,security_model=none,multidevs=remap"),
         ("-device", "virtio-9p-pci,fsdev=fs0,mount_tag=kataShared")]),
     ("virtio-fs", {"shared": VirtioFsShare(Path("/run/vfs.sock"))}, TCG, [
         ("-machine", "q35,memory-backend=pc.ram"),
@@ -81,7 +82,7 @@ CASES = [
         ("-machine", "microvm"), ("-device", "virtio-blk-device,drive=rootfs"),
         ("-device", "virtio-serial-device,id=vser0")]),
     ("commas escaped", {"shared": NinePShare(Path("/a,b"))}, TCG,
-     [("-fsdev", "local,id=fs0,path=/a,,b,security_model=none")]),
+     [("-fsdev", "local,id=fs0,path=/a,,b,security_model=none,multidevs=remap")]),
 ]
 
 
