@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -153,8 +154,27 @@ def delete(args: ShimArgs) -> bytes:
         except FileNotFoundError:
             pass
         if grouping == args.id or oci.pod_role(args.id, annotations).is_sandbox:
-            cleanup_sandbox(load_config(args.config_path or None).runtime.state_dir, grouping)
+            config = load_config(args.config_path or None)
+            cleanup_sandbox(config.runtime.state_dir, grouping)
+            cleanup_host_cgroups(bundle, grouping, config.runtime.sandbox_cgroup_only)
     return shim_pb2.DeleteResponse(exit_status=128 + signal.SIGKILL, exited_at=timestamp()).SerializeToString()
+
+
+def cleanup_host_cgroups(bundle: str, sandbox_id: str, sandbox_cgroup_only: bool) -> None:
+    """Remove the host cgroups a dead shim made for its sandbox (planned again from the bundle's spec)."""
+    from .resources.cgroups import CgroupManager, detect_version, plan_cgroups, remove_overhead_root
+
+    try:
+        spec = json.loads((Path(bundle) / "config.json").read_text())
+        cgroups_path = (spec.get("linux") or {}).get("cgroupsPath") or ""
+        if not cgroups_path:
+            return
+        manager = CgroupManager(plan_cgroups(cgroups_path, sandbox_id, version=detect_version(),
+                                             sandbox_cgroup_only=sandbox_cgroup_only))
+        manager.delete()
+        remove_overhead_root(manager)
+    except (OSError, ValueError) as exc:
+        print(f"kata-py delete: host cgroups of {sandbox_id}: {exc}", file=sys.stderr)
 
 
 def cleanup_sandbox(state_root: str, sandbox_id: str) -> None:

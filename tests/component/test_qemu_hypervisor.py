@@ -34,6 +34,9 @@ def state_dir() -> Iterator[Path]:
 
 
 def paused_config(state_dir: Path, **kw) -> VmConfig:
+    # multi-threaded TCG, so that vCPU unplug reaches QEMU (single-threaded TCG skips it: it aborts);
+    # a paused machine translates nothing, so the MTTCG buffer slices cannot run out here
+    kw.setdefault("tcg_multithread", True)
     return VmConfig(state_dir=state_dir, start_paused=True, memory_mib=256, max_memory_mib=1024, **kw)
 
 
