@@ -6,8 +6,6 @@ handler `kata-py`, pods on the host network (NamespaceOption network=NODE: no CN
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,31 +15,11 @@ import pytest
 from shim.config import Config
 from tests.support.containerd import RUNTIME_HANDLER, PrivateContainerd
 from tests.support.cri import CriClient, container_config, pod_config
+from tests.support.vmprocs import qemu_pids, wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm]
 
 H = "io.katacontainers.config.hypervisor."
-
-
-def qemu_pids(ctd: PrivateContainerd) -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd and str(ctd.kata_state).encode() in cmd:
-            pids.append(int(pid))
-    return pids
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _cri(kata_config: str = "") -> Iterator[tuple[PrivateContainerd, CriClient, str]]:

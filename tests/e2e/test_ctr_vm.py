@@ -6,39 +6,16 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.containerd import RUNTIME, PrivateContainerd
+from tests.support.vmprocs import qemu_pids, wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm]
 
 SANDBOX_ANN = ["--annotation", "io.kubernetes.cri.container-type=sandbox"]
-
-
-def qemu_pids(ctd: PrivateContainerd) -> list[int]:
-    """QEMU processes of this containerd's sandboxes (their state dir is under ctd.dir)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd and str(ctd.kata_state).encode() in cmd:
-            pids.append(int(pid))
-    return pids
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def task_status(ctd: PrivateContainerd, cid: str) -> str:

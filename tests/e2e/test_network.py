@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.test_ctr_vm import qemu_pids, wait_for
 from tests.support.containerd import RUNTIME, PrivateContainerd
+from tests.support.vmprocs import qemu_pids, wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm]
 

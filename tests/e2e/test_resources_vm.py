@@ -15,8 +15,9 @@ from google.protobuf import any_pb2, empty_pb2
 import ttrpc
 from protos.containerd.runtime.v2.task import shim_pb2
 from shim.manager import socket_address, socket_path
-from tests.e2e.test_ctr_vm import qemu_pids, task_status, wait_for
+from tests.e2e.test_ctr_vm import task_status
 from tests.support.containerd import NAMESPACE, RUNTIME, PrivateContainerd
+from tests.support.vmprocs import qemu_pids, wait_for
 from vmm.accel import detect_accel
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm]
