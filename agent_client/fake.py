@@ -380,7 +380,8 @@ class FakeAgent:
         c = self._container(cid, "signal_process")
         targets = list(c.processes.values()) if all and not exec_id else [self._process(cid, exec_id)]
         for p in targets:
-            if not p.started or p.exit_code is not None:
+            # a created (not started) init is a real process waiting in runc: signals reach it too
+            if p.exit_code is not None:
                 continue
             p.signals.append(signal)
             if signal in _TERMINATING:

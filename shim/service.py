@@ -29,6 +29,7 @@ from . import oci
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from .events import Publisher, pack_any, timestamp
 from .process import LOST_EXIT_STATUS, Container, Process, State
+from .resources.sizing import ContainerResources
 from .sandbox import Sandbox, agent_errors
 from .stdio import HostStdio, pump_output, pump_stdin
 
@@ -348,6 +349,10 @@ class TaskService:
         resources = _json_any(req.resources, RESOURCES_URL, "update resources")
         if not isinstance(resources, dict):
             raise InvalidArgument("update resources: expected a LinuxResources object")
+        try:
+            ContainerResources.from_oci(resources)  # refuse what the VM sizing could not read
+        except ValueError as exc:
+            raise InvalidArgument(f"update resources: {exc}") from None
         async with self._agent() as agent:
             await agent.update_container(container.id, resources)
         container.spec.setdefault("linux", {})["resources"] = _merge_resources(
