@@ -23,11 +23,10 @@ from pathlib import Path
 
 from protos.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from protos.containerd.runtime.v2.task import shim_pb2
-from ttrpc import bind_unix_socket
+from ttrpc.sockets import bind_unix_socket
 
 from . import mounts, oci
 from .config import load_config
-from .events import timestamp
 
 SOCKET_DIR = "/run/containerd/s"
 RUNTIME_OPTIONS_URL = "runtimeoptions.v1.Options"
@@ -157,7 +156,9 @@ def delete(args: ShimArgs) -> bytes:
             config = load_config(args.config_path or None)
             cleanup_sandbox(config.runtime.state_dir, grouping)
             cleanup_host_cgroups(bundle, grouping, config.runtime.sandbox_cgroup_only)
-    return shim_pb2.DeleteResponse(exit_status=128 + signal.SIGKILL, exited_at=timestamp()).SerializeToString()
+    response = shim_pb2.DeleteResponse(exit_status=128 + signal.SIGKILL)
+    response.exited_at.GetCurrentTime()
+    return response.SerializeToString()
 
 
 def cleanup_host_cgroups(bundle: str, sandbox_id: str, sandbox_cgroup_only: bool) -> None:

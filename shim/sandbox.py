@@ -60,7 +60,7 @@ from .factory.protocol import request as pool_request
 from .factory.store import TemplateStore
 from .factory.template import build_template, restore_clone
 from .manager import sandbox_state_dir
-from .network import PodNetwork, netns_path
+from .network.spec import netns_path
 from .process import Container
 from .resources.cgroups import (
     CgroupManager,
@@ -442,6 +442,8 @@ class VmSandbox:
         if not await trio.Path(path).exists():
             raise InvalidArgument(f"sandbox {self.id}: network namespace {path} does not exist")
         assert self._vm is not None and self._agent is not None
+        from .network.pod import PodNetwork  # netlink (pyroute2) costs 0.2 s of start-up: only with a netns
+
         self._network = PodNetwork(path)
         async with agent_errors():
             await self._network.setup(self._vm, self._agent)

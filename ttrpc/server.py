@@ -31,6 +31,7 @@ from .codec import (
     encode_response,
 )
 from .errors import Code, RemoteProtocolError, StatusError
+from .sockets import bind_unix_socket as bind_unix_socket  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -206,27 +207,6 @@ class Server:
         except Exception as exc:  # a handler bug must not take the connection down
             log.exception("ttrpc: %s/%s failed", request.service, request.method)
             return Code.INTERNAL, f"{type(exc).__name__}: {exc}", b""
-
-
-def bind_unix_socket(path: str, *, mode: int = 0o600, backlog: int = 128) -> stdlib_socket.socket:
-    """Create a listening unix socket file with `mode` (never an abstract socket).
-
-    Raises OSError (EADDRINUSE when the path exists) like bind(2).
-    """
-    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    try:
-        # umask so the socket is never briefly wider than `mode`
-        old = os.umask(0o777 & ~mode)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def listener_from_socket(sock: stdlib_socket.socket) -> trio.SocketListener:

@@ -4,8 +4,9 @@ For each veth in the netns a tap is created next to it and tc mirred redirects j
 gets the tap by fd as a hot-plugged virtio-net NIC with the veth's MAC; the agent gives the guest
 NIC the veth's addresses, MTU, routes and static neighbours. `translate` is pure (netlink records →
 agent messages), `host` does the netlink work in the netns, `pod` orders the steps.
+Import `shim.network.pod` (netlink, pyroute2) only where a pod has a network namespace.
 """
 
-from shim.network.pod import PodNetwork, netns_path
+from shim.network.spec import netns_path
 
-__all__ = ["PodNetwork", "netns_path"]
+__all__ = ["netns_path"]

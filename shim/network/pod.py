@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
 from agent_client.protocol import Agent
 from shim.network import host, translate
+from shim.network.spec import netns_path as netns_path  # re-exported
 from shim.network.translate import Endpoint
 
 log = logging.getLogger(__name__)
@@ -20,14 +20,6 @@ class NicHost(Protocol):
     """What PodNetwork needs from the VM (QemuHypervisor)."""
 
     async def add_tap_nic(self, nic_id: str, tap_fd: int, mac: str, *, mtu: int = 0) -> str: ...
-
-
-def netns_path(spec: Mapping[str, Any]) -> str | None:
-    """The network namespace path of an OCI spec, or None (no pod network: the VM gets no NIC)."""
-    for ns in (spec.get("linux") or {}).get("namespaces") or []:
-        if ns.get("type") == "network" and ns.get("path"):
-            return str(ns["path"])
-    return None
 
 
 class PodNetwork:

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-WATCHED_PROCESSES = ("qemu-system", "containerd-shim-kata-py", "-m shim", "containerd ", "-m agent")
+WATCHED_PROGRAMS = ("containerd", "containerd-shim-kata-py-v2")  # by argv[0]'s basename
+WATCHED_PROCESSES = ("qemu-system", "-m shim ", "-m agent ")  # anywhere in the command line
 
 
 def _processes() -> set[str]:
@@ -23,7 +24,8 @@ def _processes() -> set[str]:
         except OSError:
             continue
         cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip()
-        if any(w in cmd + " " for w in WATCHED_PROCESSES):
+        program = os.path.basename(raw.split(b"\0", 1)[0].decode(errors="replace"))
+        if program in WATCHED_PROGRAMS or any(w in cmd + " " for w in WATCHED_PROCESSES):
             found.add(f"{pid}: {cmd[:160]}")
     return found
 
