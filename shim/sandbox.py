@@ -59,6 +59,7 @@ from .factory.protocol import PoolError
 from .factory.protocol import request as pool_request
 from .factory.store import TemplateStore
 from .factory.template import build_template, restore_clone
+from .hooks import Hook, oci_state, parse_hooks, run_hooks
 from .manager import sandbox_state_dir
 from .network.spec import netns_path
 from .process import Container
@@ -156,6 +157,7 @@ class VmSandbox:
         self._reconciler_scope = trio.CancelScope()
         self._containers: list[Container] = []  # the service's view, for the reconciler's provider
         self._cgroups: CgroupManager | None = None
+        self._poststop: tuple[list[Hook], str, dict[str, str]] = ([], "", {})
 
     # --- what the service uses ------------------------------------------------------------------
     @property
@@ -175,7 +177,7 @@ class VmSandbox:
             if self._agent is None:
                 if not container.is_sandbox:
                     raise FailedPrecondition(f"sandbox {self.id} is not running: create its sandbox container first")
-                await self.start(container.spec)
+                await self.start(container.spec, container.bundle)
         timer = PhaseTimer(f"container={container.id}")
         rootfs = self._share_rootfs(container)
         timer.mark("rootfs")
@@ -240,6 +242,7 @@ class VmSandbox:
             await self._vm.stop()
         await self._teardown_network()
         await self._teardown_host_cgroups()
+        await self._run_poststop_hooks()
         if self.state_dir.exists():
             mounts.unmount_all(self.state_dir)
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -274,7 +277,7 @@ class VmSandbox:
             max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
             tb_size_mib=h.tb_size_mib, tcg_multithread=h.tcg_multithread, agent=channel, shared=NinePShare(self.shared_dir))
 
-    async def start(self, sandbox_spec: dict[str, Any]) -> None:
+    async def start(self, sandbox_spec: dict[str, Any], bundle: str = "") -> None:
         """Boot the VM and bring its agent up.
 
         Raises InvalidArgument for refused io.katacontainers.* annotations (before anything starts),
@@ -298,6 +301,7 @@ class VmSandbox:
         try:
             boot = await self._launch_vm(self.vm_config(guest, effective.assets), accel, timer)
             await self._init_guest(sandbox_spec, timer)
+            await self._run_hooks(sandbox_spec, bundle, ("createRuntime", "prestart"), "created")
             await self._setup_network(sandbox_spec, timer)
             await self._start_reconciler()
             await self._setup_host_cgroups(sandbox_spec)
@@ -432,6 +436,35 @@ class VmSandbox:
                 hostname=hostname, dns=(), sandbox_id=self.id, machine_id=uuid.uuid4().hex,
                 storages=[Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)])
         timer.mark("sandbox_create")
+
+    async def _run_hooks(self, spec: dict[str, Any], bundle: str, phases: Iterable[str], status: str) -> None:
+        """Run the sandbox spec's OCI hooks of `phases` on the host, in the pod's netns when it has one.
+
+        Raises InvalidArgument for malformed hooks, FailedPrecondition when a hook fails.
+        """
+        hooks = [hook for phase in phases for hook in parse_hooks(spec, phase)]
+        self._poststop = (parse_hooks(spec, "poststop"), bundle, spec.get("annotations") or {})
+        if not hooks:
+            return
+        state = oci_state(self.id, bundle, self.pid(), status, spec.get("annotations") or {})
+        path = netns_path(spec)
+        what = "/".join(phases)
+        if path is None:
+            await trio.to_thread.run_sync(run_hooks, hooks, state, what)
+        else:
+            from .network.netns import run_in_netns
+
+            await trio.to_thread.run_sync(run_in_netns, path, lambda: run_hooks(hooks, state, what))
+
+    async def _run_poststop_hooks(self) -> None:
+        hooks, bundle, annotations = self._poststop
+        self._poststop = ([], "", {})
+        if hooks:
+            try:  # the runtime spec: poststop failures are logged, the deletion goes on
+                await trio.to_thread.run_sync(run_hooks, hooks, oci_state(self.id, bundle, 0, "stopped",
+                                                                          annotations), "poststop")
+            except ShimError as exc:
+                log.warning("sandbox %s: %s", self.id, exc)
 
     async def _setup_network(self, sandbox_spec: dict[str, Any], timer: PhaseTimer) -> None:
         """Mirror the pod's network namespace into the guest (no-op without one): tap + tc mirred per

@@ -46,7 +46,9 @@ def test_pod_of_two_containers_in_one_vm(cri_env: tuple[PrivateContainerd, CriCl
     try:
         assert len(qemu_pids(ctd)) == 1, ctd.log_tail()
         loop = ["sh", "-c", "echo started; while :; do sleep 1; done"]
-        c1 = client.create_container(pod_id, container_config("one", busybox, loop, log_path="one.log"), pod)
+        server = ["sh", "-c", "echo pong-from-one > /tmp/pong; nc -ll -p 8080 -e cat /tmp/pong & "
+                  "echo started; while :; do sleep 1; done"]
+        c1 = client.create_container(pod_id, container_config("one", busybox, server, log_path="one.log"), pod)
         c2 = client.create_container(pod_id, container_config("two", busybox, loop, log_path="two.log"), pod)
         client.start_container(c1)
         client.start_container(c2)
@@ -65,6 +67,11 @@ def test_pod_of_two_containers_in_one_vm(cri_env: tuple[PrivateContainerd, CriCl
         assert boot_ids[0] == boot_ids[1]
         assert boot_ids[0] != Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         assert len(qemu_pids(ctd)) == 1
+
+        # the pod's containers share the VM's network: the second reaches the first over localhost
+        reply = wait_for(lambda: (lambda r: r if b"pong-from-one" in r.stdout else None)(
+            client.exec_sync(c2, ["nc", "-w", "3", "127.0.0.1", "8080"])), 30, "nc from two to one")
+        assert reply.stdout.strip() == b"pong-from-one"
 
         failing = client.exec_sync(c2, ["sh", "-c", "echo oops >&2; exit 3"])
         assert (failing.exit_code, failing.stderr) == (3, b"oops\n")
