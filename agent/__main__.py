@@ -36,6 +36,10 @@ def _boot(pid1: bool) -> list[str]:
     failed = boot.enable_cgroup_controllers()
     if failed:
         problems.append(f"cgroup controllers not enabled: {', '.join(failed)}")
+    try:  # a pod without a network still has localhost: its containers talk over it
+        boot.loopback_up()
+    except OSError as e:
+        problems.append(f"lo: {e}")
     return problems
 
 

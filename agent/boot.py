@@ -1,7 +1,10 @@
 """What the agent does as PID 1 before serving: mount the API filesystems and set up cgroup2."""
 
 import ctypes
+import fcntl
 import os
+import socket
+import struct
 
 from agent import mounts
 
@@ -75,3 +78,13 @@ def become_subreaper() -> None:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def loopback_up() -> None:
+    """Bring `lo` up (no udev/systemd/ifupdown in the guest does it). Raises OSError."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(s, siocgifflags, request))[1]
+        if not flags & iff_up:
+            fcntl.ioctl(s, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))

@@ -8,6 +8,7 @@ create_container / remove_container / resources_changed / stop; it never sees QE
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -617,7 +618,12 @@ class VmSandbox:
             if m.get("type") not in ("bind", "rbind") and not {"bind", "rbind"} & set(options):
                 continue  # proc, tmpfs, sysfs, devpts, mqueue...: made by the guest itself
             if m.get("destination") == "/dev/shm":
-                m.update(type="tmpfs", source="shm", options=["nosuid", "noexec", "nodev", "mode=1777"])
+                # the same size as the host shm CRI made for the pod (its tmpfs size), in guest RAM
+                shm_options = ["nosuid", "noexec", "nodev", "mode=1777"]
+                with contextlib.suppress(OSError):
+                    st = os.statvfs(m.get("source", ""))
+                    shm_options.append(f"size={st.f_blocks * st.f_frsize}")
+                m.update(type="tmpfs", source="shm", options=shm_options)
                 continue
             source = m.get("source", "")
             if not source.startswith("/") or not os.path.exists(source):
