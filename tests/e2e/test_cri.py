@@ -6,6 +6,9 @@ handler `kata-py`, pods on the host network (NamespaceOption network=NODE: no CN
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,3 +112,45 @@ def test_refused_annotations_fail_run_pod_sandbox(tmp_path: Path):
             assert expected in info.value.details(), info.value.details()
         assert not qemu_pids(ctd)
         wait_for(lambda ctd=ctd: not ctd.stray_processes(), 30, "no shim left after refused pods")
+
+
+def test_two_cni_pods_on_one_bridge_reach_each_other(tmp_path: Path):
+    """Pods whose netns CNI made (bridge + host-local, Debian's plugins): the shim mirrors each netns
+    into its VM, and one pod's container reaches the other's over the bridge."""
+    bridge = f"kpcni{os.getpid() % 10000}"
+    ctd = PrivateContainerd(cri=True)
+    ctd.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+    (ctd.cni_conf_dir / "10-kp.conflist").write_text(json.dumps({
+        "cniVersion": "0.4.0", "name": "kp-test", "plugins": [{
+            "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.99.7.0/24"}]],
+                     "dataDir": str(tmp_path / "ipam")}}]}))
+    pods: list[str] = []
+    try:
+        ctd.start()
+        busybox, _pause = ctd.import_cri_images()
+        with CriClient(ctd.cri_address) as client:
+            server = ["sh", "-c", "echo pong-over-the-bridge > /tmp/pong; nc -ll -p 8080 -e cat /tmp/pong & "
+                      "while :; do sleep 1; done"]
+            loop = ["sh", "-c", "while :; do sleep 1; done"]
+            cids = []
+            for name, command in (("srv", server), ("cli", loop)):
+                pod = pod_config(name, host_network=False)
+                pods.append(client.run_pod_sandbox(pod, RUNTIME_HANDLER))
+                cid = client.create_container(pods[-1], container_config(name, busybox, command), pod)
+                client.start_container(cid)
+                cids.append(cid)
+            assert len(qemu_pids(ctd)) == 2
+            addr = client.exec_sync(cids[0], ["ip", "-4", "-o", "addr", "show"]).stdout.decode()
+            ip = next(w.split("/")[0] for w in addr.split() if w.startswith("10.99.7."))
+            reply = wait_for(lambda: (lambda r: r if b"pong" in r.stdout else None)(
+                client.exec_sync(cids[1], ["nc", "-w", "3", ip, "8080"])), 60, f"nc from cli to srv at {ip}")
+            assert reply.stdout.strip() == b"pong-over-the-bridge"
+            for pod_id in pods:
+                client.stop_pod_sandbox(pod_id)
+                client.remove_pod_sandbox(pod_id)
+            pods.clear()
+        wait_for(lambda: not qemu_pids(ctd), 30, "QEMUs gone")
+    finally:
+        ctd.cleanup()
+        subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
