@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from .errors import FailedPrecondition, NotFound
+from .resources.sizing import ContainerResources
 from .stdio import HostStdio
 
 
@@ -91,6 +92,8 @@ class Container:
     spec: dict[str, Any]
     is_sandbox: bool
     init: Process
+    # what the VM sizing counts: the spec's linux.resources, then every Update merged in
+    resources: ContainerResources = field(default_factory=ContainerResources)
     rootfs_mounts: list[Any] = field(default_factory=list)
     execs: dict[str, Process] = field(default_factory=dict)
     # guards exec-id allocation and Delete against concurrent Exec

@@ -72,7 +72,7 @@ from .resources.cgroups import (
     sandbox_cpu_limits,
 )
 from .resources.reconciler import Reconciler
-from .resources.sizing import ContainerResources, SandboxSizing, Target, calculate_sandbox
+from .resources.sizing import SandboxSizing, Target, calculate_sandbox
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +216,7 @@ class VmSandbox:
 
     def target(self) -> Target:
         """The VM size the running containers ask for (pure arithmetic in resources/sizing.py)."""
-        sized = []
-        for c in self._containers:
-            try:
-                res = ContainerResources.from_oci(c.spec.get("linux", {}).get("resources"))
-            except ValueError as exc:  # validated at Create/Update; never let sizing kill the pod
-                log.warning("container %s: resources ignored for sizing: %s", c.id, exc)
-                continue
-            sized.append((res, c.running()))
-        return calculate_sandbox(sized, self.sizing)
+        return calculate_sandbox([(c.resources, c.running()) for c in self._containers], self.sizing)
 
     async def stop(self) -> None:
         """Stop the VM and remove everything on the host. Idempotent."""
@@ -515,16 +507,9 @@ class VmSandbox:
         """Apply the workload's CPU limits and move every (new) vCPU thread into the sandbox cgroup."""
         if self._cgroups is None or self._vm is None or self.vm_exit is not None:
             return
-        workload = []
-        for c in self._containers:
-            # the pause container's own shares say nothing about what the pod may use
-            if oci.container_type(c.spec.get("annotations", {})) == "sandbox":
-                continue
-            try:
-                workload.append((ContainerResources.from_oci(c.spec.get("linux", {}).get("resources")),
-                                 c.running()))
-            except ValueError:
-                continue
+        # the pause container's own shares say nothing about what the pod may use
+        workload = [(c.resources, c.running()) for c in self._containers
+                    if oci.container_type(c.spec.get("annotations", {})) != "sandbox"]
         try:
             tids = await self._vm.vcpu_thread_ids()
             pid = self._vm.pid()

@@ -29,7 +29,7 @@ from . import oci
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from .events import Publisher, pack_any, timestamp
 from .process import LOST_EXIT_STATUS, Container, Process, State
-from .resources.sizing import ContainerResources
+from .resources.sizing import ContainerResources, merge_update
 from .sandbox import Sandbox, agent_errors
 from .stdio import HostStdio, pump_output, pump_stdin
 
@@ -116,7 +116,11 @@ class TaskService:
             terminal = bool(req.terminal)
             stdio = HostStdio.open(req.stdin, req.stdout, req.stderr, terminal)
             init = Process(cid, "", stdio, terminal, stdio_paths=(req.stdin, req.stdout, req.stderr))
-            container = Container(cid, req.bundle, spec, role.is_sandbox, init, list(req.rootfs))
+            try:
+                resources = ContainerResources.from_oci((spec.get("linux") or {}).get("resources"))
+            except ValueError as exc:
+                raise InvalidArgument(f"OCI spec field linux.resources: {exc}") from None
+            container = Container(cid, req.bundle, spec, role.is_sandbox, init, resources, list(req.rootfs))
             try:
                 await self.sandbox.create_container(container)
             except BaseException:
@@ -350,13 +354,12 @@ class TaskService:
         if not isinstance(resources, dict):
             raise InvalidArgument("update resources: expected a LinuxResources object")
         try:
-            ContainerResources.from_oci(resources)  # refuse what the VM sizing could not read
+            update = ContainerResources.from_oci(resources)  # refuse what the VM sizing could not read
         except ValueError as exc:
             raise InvalidArgument(f"update resources: {exc}") from None
         async with self._agent() as agent:
             await agent.update_container(container.id, resources)
-        container.spec.setdefault("linux", {})["resources"] = _merge_resources(
-            container.spec.get("linux", {}).get("resources") or {}, resources)
+        container.resources = merge_update(container.resources, update)
         await self.sandbox.resources_changed(self.containers.values())
         return empty_pb2.Empty()
 
@@ -366,16 +369,3 @@ class TaskService:
             self._shutdown.set()
         return empty_pb2.Empty()
 
-
-def _merge_resources(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Update semantics: a nil/0 CPU quota/period or memory limit leaves the old value (Kata's rule)."""
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in old.items()}
-    for section in ("cpu", "memory"):
-        for key, value in (new.get(section) or {}).items():
-            if value in (None, 0, ""):
-                continue
-            merged.setdefault(section, {})[key] = value
-    for key, value in new.items():
-        if key not in ("cpu", "memory"):
-            merged[key] = value
-    return merged
