@@ -5,7 +5,6 @@ One cold boot (the template) and four restores; at most two VMs at once."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,9 @@ from shim.process import Container, Process
 from shim.sandbox import VmSandbox
 from shim.stdio import HostStdio
 from tests.e2e.test_factory_templates import probe_bundle, run_probe
+from tests.support.vmprocs import qemus_under
 
 pytestmark = pytest.mark.vm
-
-
-def qemus_under(path: Path) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd and str(path).encode() in cmd:
-            found.append(int(pid))
-    return found
 
 
 def gone(pid: int) -> bool:

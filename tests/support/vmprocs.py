@@ -13,17 +13,22 @@ from .containerd import PrivateContainerd
 T = TypeVar("T")
 
 
-def qemu_pids(ctd: PrivateContainerd) -> list[int]:
-    """QEMU processes of this containerd's sandboxes (their state dir is under ctd.kata_state)."""
+def qemus_under(path: Path | str) -> list[int]:
+    """QEMU processes whose command line names something under `path` (their state dir)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"qemu-system" in cmd and str(ctd.kata_state).encode() in cmd:
+        if b"qemu-system" in cmd and str(path).encode() in cmd:
             pids.append(int(pid))
     return pids
+
+
+def qemu_pids(ctd: PrivateContainerd) -> list[int]:
+    """QEMU processes of this containerd's sandboxes."""
+    return qemus_under(ctd.kata_state)
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 60, what: str = "condition") -> T:
