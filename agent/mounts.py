@@ -22,7 +22,16 @@ _FLAG_OPTIONS = {
 }
 _NOOP_OPTIONS = {"rw", "suid", "dev", "exec", "defaults"}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    # find_library spawns ldconfig: a process start under TCG costs boot time; the soname is enough
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 
 
 def parse_options(options: list[str]) -> tuple[int, str]:

@@ -21,15 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from protos.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
-from protos.containerd.runtime.v2.task import shim_pb2
 from ttrpc.sockets import bind_unix_socket
 
-from . import mounts, oci
+from . import mounts, oci, wire
 from .config import load_config
 
 SOCKET_DIR = "/run/containerd/s"
-RUNTIME_OPTIONS_URL = "runtimeoptions.v1.Options"
 
 
 @dataclass(frozen=True)
@@ -71,15 +68,9 @@ def write_address(bundle: str, address: str) -> None:
 
 
 def config_path_from_options(raw: bytes) -> str:
-    """containerd passes CRI's runtime options as an Any on stdin; we only need config_path."""
-    if not raw:
-        return ""
-    from google.protobuf import any_pb2
-
-    value = any_pb2.Any.FromString(raw)
-    if value.type_url.rsplit("/", 1)[-1] != RUNTIME_OPTIONS_URL:
-        return ""
-    return runtimeoptions.Options.FromString(value.value).config_path
+    """containerd passes CRI's runtime options as an Any on stdin; we only need config_path.
+    Raises ValueError (wire.WireError) on malformed bytes."""
+    return wire.config_path_from_options(raw) if raw else ""
 
 
 def start(args: ShimArgs, stdin: bytes) -> str:
@@ -156,9 +147,7 @@ def delete(args: ShimArgs) -> bytes:
             config = load_config(args.config_path or None)
             cleanup_sandbox(config.runtime.state_dir, grouping)
             cleanup_host_cgroups(bundle, grouping, config.runtime.sandbox_cgroup_only)
-    response = shim_pb2.DeleteResponse(exit_status=128 + signal.SIGKILL)
-    response.exited_at.GetCurrentTime()
-    return response.SerializeToString()
+    return wire.encode_delete_response(exit_status=128 + signal.SIGKILL)
 
 
 def cleanup_host_cgroups(bundle: str, sandbox_id: str, sandbox_cgroup_only: bool) -> None:
