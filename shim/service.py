@@ -230,7 +230,8 @@ class TaskService:
                         async with self._agent() as agent:
                             await agent.signal_process(container.id, "", signal.SIGKILL, all=True)
                         await proc.exited.wait()
-                await self.sandbox.remove_container(container)
+                last = container.is_sandbox and list(self.containers) == [container.id]
+                await self.sandbox.remove_container(container, sandbox_ending=last)
                 proc.stdio.close()
                 proc.move(State.DELETED)
                 del self.containers[container.id]

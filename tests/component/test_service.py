@@ -36,6 +36,7 @@ class FakeSandbox:
         self.agent = FakeAgent()
         self.resized = 0
         self.started = False
+        self.removed: list[tuple[str, bool]] = []
 
     def pid(self) -> int:
         return 4242
@@ -48,8 +49,10 @@ class FakeSandbox:
             container.init.guest_pid = await self.agent.create_container(
                 container.id, container.spec, Storage(driver="", source="", mount_point="/r"))
 
-    async def remove_container(self, container: Container) -> None:
-        await self.agent.remove_container(container.id, 5)
+    async def remove_container(self, container: Container, *, sandbox_ending: bool = False) -> None:
+        self.removed.append((container.id, sandbox_ending))
+        if not sandbox_ending:
+            await self.agent.remove_container(container.id, 5)
 
     async def resources_changed(self, containers: Iterable[Container]) -> None:
         self.resized += 1
@@ -112,6 +115,27 @@ async def test_lifecycle_events_and_exit_status(bundle: Path):
         await settle()
         # ordering contract: create → start → exit → delete
         assert shim.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+        # a lone container owns the VM: Shutdown follows, so its guest removal is skipped
+        assert shim.sandbox.removed == [("c1", True)]
+
+
+async def test_only_the_pods_last_container_skips_the_guest_removal(tmp_path: Path):
+    def pod_bundle(name: str, kind: str) -> Path:
+        spec = {**SPEC, "annotations": {"io.kubernetes.cri.container-type": kind,
+                                        "io.kubernetes.cri.sandbox-id": "pod"}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(spec))
+        return tmp_path / name
+
+    async with running_shim() as shim:
+        for cid, kind in (("pod", "sandbox"), ("app", "container")):
+            shim.sandbox.agent.script(cid, exit_code=0)
+            await shim.call("Create", pb.CreateTaskRequest(id=cid, bundle=str(pod_bundle(cid, kind))),
+                            pb.CreateTaskResponse)
+        # the sandbox container first (a client may): the app still runs in the VM, remove it for real
+        await shim.call("Delete", pb.DeleteRequest(id="pod"), pb.DeleteResponse)
+        await shim.call("Delete", pb.DeleteRequest(id="app"), pb.DeleteResponse)
+        assert shim.sandbox.removed == [("pod", False), ("app", False)]
 
 
 async def test_error_codes_containerd_expects(bundle: Path):
