@@ -24,6 +24,7 @@ from .events import Publisher
 from .manager import ShimArgs, socket_address, socket_path
 from .sandbox import VmSandbox
 from .service import TASK_SERVICE, TaskService
+from .timing import log_shim_start
 
 log = logging.getLogger("kata-py")
 PR_SET_CHILD_SUBREAPER = 36
@@ -64,6 +65,7 @@ async def serve(args: ShimArgs, grouping: str, listen_fd: int | None) -> None:
             server = ttrpc.Server()
             server.register(TASK_SERVICE, service.methods())
             await nursery.start(server.serve, ttrpc.listener_from_socket(sock))
+            log_shim_start()
             nursery.start_soon(_signals, shutdown)
             await shutdown.wait()
             log.info("shutting down")

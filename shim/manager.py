@@ -25,6 +25,7 @@ from ttrpc.sockets import bind_unix_socket
 
 from . import mounts, oci, wire
 from .config import load_config
+from .timing import START_CMD_ENV, process_age_s
 
 SOCKET_DIR = "/run/containerd/s"
 
@@ -104,7 +105,8 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         with open(os.devnull, "r+b") as devnull:
             subprocess.Popen(argv, cwd=bundle, stdin=devnull, stdout=devnull, stderr=devnull,
                              pass_fds=(listener.fileno(),), start_new_session=True,
-                             env={**os.environ, "KATA_PY_LISTEN_FD": str(listener.fileno())})
+                             env={**os.environ, "KATA_PY_LISTEN_FD": str(listener.fileno()),
+                                  START_CMD_ENV: f"{process_age_s():.3f}"})
         write_address(bundle, address)
     except BaseException:
         os.unlink(path)

@@ -16,6 +16,7 @@ import trio
 from .errors import FailedPrecondition, NotFound
 from .resources.sizing import ContainerResources
 from .stdio import HostStdio
+from .timing import LifecycleTimer
 
 
 class State(enum.Enum):
@@ -55,6 +56,7 @@ class Process:
     exited: trio.Event = field(default_factory=trio.Event)
     # held across Start so that an exit is never published before its start event
     start_lock: trio.Lock = field(default_factory=trio.Lock)
+    timer: LifecycleTimer = field(default_factory=LifecycleTimer)  # Create/Exec → Delete, logged at Delete
 
     @property
     def name(self) -> str:

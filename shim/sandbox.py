@@ -73,6 +73,7 @@ from .resources.cgroups import (
 )
 from .resources.reconciler import Reconciler
 from .resources.sizing import SandboxSizing, Target, calculate_sandbox
+from .timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -114,25 +115,6 @@ class Sandbox(Protocol):
     async def resources_changed(self, containers: Iterable[Container]) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-class PhaseTimer:
-    """Wall time of each named phase of a start, logged as one structured line."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.phases: dict[str, float] = {}
-        self._t0 = self._last = time.monotonic()
-
-    def mark(self, phase: str) -> None:
-        now = time.monotonic()
-        self.phases[phase] = round(now - self._last, 3)
-        self._last = now
-
-    def log(self, **extra: Any) -> None:
-        total = round(time.monotonic() - self._t0, 3)
-        fields = " ".join(f"{k}={v}" for k, v in {**self.phases, **extra, "total": total}.items())
-        log.info("timing %s %s", self.what, fields)
 
 
 class VmSandbox:

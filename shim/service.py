@@ -32,6 +32,7 @@ from .process import LOST_EXIT_STATUS, Container, Process, State
 from .resources.sizing import ContainerResources, merge_update
 from .sandbox import Sandbox, agent_errors
 from .stdio import HostStdio, pump_output, pump_stdin
+from .timing import LifecycleTimer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class TaskService:
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def create(self, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
+        timer = LifecycleTimer()
         cid = oci.validate_id(req.id, "container id")
         if req.checkpoint or req.parent_checkpoint:
             raise Unimplemented("checkpoint/restore is not supported by kata-py")
@@ -115,7 +117,7 @@ class TaskService:
             role = oci.pod_role(cid, spec.get("annotations", {}))
             terminal = bool(req.terminal)
             stdio = HostStdio.open(req.stdin, req.stdout, req.stderr, terminal)
-            init = Process(cid, "", stdio, terminal, stdio_paths=(req.stdin, req.stdout, req.stderr))
+            init = Process(cid, "", stdio, terminal, stdio_paths=(req.stdin, req.stdout, req.stderr), timer=timer)
             try:
                 resources = ContainerResources.from_oci((spec.get("linux") or {}).get("resources"))
             except ValueError as exc:
@@ -128,6 +130,7 @@ class TaskService:
                 raise
             self.containers[cid] = container
         init.pid = self.sandbox.pid()
+        timer.mark("created")
         self._nursery.start_soon(self._watch, container, init)
         self.publisher.publish(ev.TaskCreate(
             container_id=cid, bundle=req.bundle, rootfs=req.rootfs, pid=init.pid,
@@ -137,6 +140,7 @@ class TaskService:
     async def start(self, req: pb.StartRequest) -> pb.StartResponse:
         container = self._container(req.id)
         proc = container.process(req.exec_id)
+        proc.timer.mark("start_called")
         async with proc.start_lock:
             proc.require("start", State.CREATED)
             if proc.exec_id:
@@ -156,6 +160,7 @@ class TaskService:
                 proc.move(State.RUNNING)
                 await self.sandbox.resources_changed(self.containers.values())
                 self.publisher.publish(ev.TaskStart(container_id=container.id, pid=proc.pid))
+            proc.timer.mark("started")
         return pb.StartResponse(pid=proc.pid)
 
     async def _watch(self, container: Container, proc: Process) -> None:
@@ -184,6 +189,7 @@ class TaskService:
             stdin_pump.cancel_scope.cancel()
         async with proc.start_lock:  # never publish an exit before the start event
             if proc.set_exited(status):
+                proc.timer.mark("exited")
                 self.publisher.publish(ev.TaskExit(
                     container_id=container.id, id=proc.exec_id or container.id, pid=proc.pid,
                     exit_status=status, exited_at=timestamp(proc.exited_at)))
@@ -194,7 +200,8 @@ class TaskService:
     async def _pump_output(self, read: Callable[[str, str], Any], cid: str, proc: Process, which: str) -> None:
         try:
             async with agent_errors():
-                await pump_output(read(cid, proc.exec_id), proc.stdio, which)
+                await pump_output(read(cid, proc.exec_id), proc.stdio, which,
+                                  on_chunk=lambda: proc.timer.mark("first_output"))
         except Exception as exc:  # a lost stream must not lose the exit status
             log.warning("%s: %s stream ended: %s", proc.name, which, exc)
 
@@ -217,6 +224,7 @@ class TaskService:
         proc = container.process(req.exec_id)
         if proc.state in (State.RUNNING, State.PAUSED):
             raise FailedPrecondition(f"cannot delete a running {proc.name}")
+        proc.timer.mark("delete_called")
         if proc.exec_id:
             del container.execs[proc.exec_id]
             proc.stdio.close()
@@ -238,6 +246,8 @@ class TaskService:
                 self.publisher.publish(ev.TaskDelete(
                     container_id=container.id, id=container.id, pid=proc.pid, exit_status=proc.exit_status,
                     exited_at=timestamp(proc.exited_at)))
+        proc.timer.mark("deleted")
+        proc.timer.log(f"{container.id}/{proc.exec_id}" if proc.exec_id else container.id)
         return pb.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status,
                                  exited_at=timestamp(proc.exited_at))
 

@@ -112,8 +112,10 @@ class HostStdio:
         return stream
 
 
-async def pump_output(source: AsyncIterator[bytes], io: HostStdio, which: str) -> int:
-    """Copy a process's output stream to its host fd until EOF; return bytes copied.
+async def pump_output(source: AsyncIterator[bytes], io: HostStdio, which: str,
+                      on_chunk: Callable[[], None] | None = None) -> int:
+    """Copy a process's output stream to its host fd until EOF; return bytes copied. `on_chunk` is
+    called as each chunk arrives (telemetry).
 
     Without a host fd the output is still drained (the guest pipe must not fill up).
     """
@@ -121,6 +123,8 @@ async def pump_output(source: AsyncIterator[bytes], io: HostStdio, which: str) -
     copied = 0
     try:
         async for chunk in source:
+            if on_chunk is not None:
+                on_chunk()
             copied += len(chunk)
             if stream is not None:
                 try:

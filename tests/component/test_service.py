@@ -7,6 +7,7 @@ check the same service against real containerd and QEMU.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -99,7 +100,8 @@ async def settle() -> None:
         await trio.lowlevel.checkpoint()
 
 
-async def test_lifecycle_events_and_exit_status(bundle: Path):
+async def test_lifecycle_events_and_exit_status(bundle: Path, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="shim.timing")
     async with running_shim() as shim:
         shim.sandbox.agent.script("c1", stdout=[b"hi\n"], exit_code=3)
         created = await shim.call("Create", pb.CreateTaskRequest(id="c1", bundle=str(bundle)), pb.CreateTaskResponse)
@@ -117,6 +119,10 @@ async def test_lifecycle_events_and_exit_status(bundle: Path):
         assert shim.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
         # a lone container owns the VM: Shutdown follows, so its guest removal is skipped
         assert shim.sandbox.removed == [("c1", True)]
+        # one telemetry line per task, at Delete: every moment of this one happened
+        [line] = [m for m in caplog.messages if m.startswith("timing lifecycle=c1 ")]
+        for phase in ("create", "to_start", "start", "first_output", "run", "to_delete", "delete"):
+            assert f" {phase}=" in line, line
 
 
 async def test_only_the_pods_last_container_skips_the_guest_removal(tmp_path: Path):
