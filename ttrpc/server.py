@@ -94,6 +94,12 @@ class Server:
         self._services: dict[str, dict[str, Method[Any]]] = {}
         self._require_same_user = require_same_user
         self.connections = 0  # open connections, for Shutdown decisions and tests
+        self._no_connections = trio.Event()
+        self._no_connections.set()
+
+    async def wait_no_connections(self) -> None:
+        """Return once no peer is connected (at once if none is)."""
+        await self._no_connections.wait()
 
     def register(self, service: str, methods: Mapping[str, Method[Any]]) -> None:
         """Add a service. Raises ValueError if it is already registered."""
@@ -116,6 +122,8 @@ class Server:
             await stream.aclose()
             return
         self.connections += 1
+        if self._no_connections.is_set():
+            self._no_connections = trio.Event()
         decoder = FrameDecoder()
         try:
             async with trio.open_nursery() as nursery:
@@ -137,6 +145,8 @@ class Server:
         finally:
             conn.closed = True
             self.connections -= 1
+            if not self.connections:
+                self._no_connections.set()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 

@@ -66,6 +66,24 @@ async def assert_still_serving(peer: RawPeer, stream_id: int = 101) -> None:
     assert (sid, value_of(response)) == (stream_id, "still here")
 
 
+async def test_wait_no_connections_returns_when_the_last_peer_hangs_up() -> None:
+    server = Server(require_same_user=False)
+    EchoService().register(server)
+    with trio.fail_after(TIMEOUT):
+        await server.wait_no_connections()  # none yet: at once
+        left, right = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.handle_connection, right)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.connections == 1
+            with trio.move_on_after(0.05) as waited:
+                await server.wait_no_connections()
+            assert waited.cancelled_caught, "returned while a peer was connected"
+            await left.aclose()
+            await server.wait_no_connections()
+            assert server.connections == 0
+
+
 # --- framing ------------------------------------------------------------------------------------
 
 async def test_echo() -> None:
