@@ -1,9 +1,11 @@
 """`kata-py`: the operator's command. `env` shows the effective configuration, the accelerator
-choice and the guest image; `template list|clear` manages the template cache."""
+choice and the guest image; `template list|build|clear` manages the template cache; `pool` serves
+ready VMs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -42,6 +44,8 @@ def cmd_env(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_template(config: Config, args: argparse.Namespace) -> int:
+    if args.action == "build":
+        return cmd_template_build(config)
     store = _store(config)
     if args.action == "clear":
         n = store.clear()
@@ -60,6 +64,42 @@ def cmd_template(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_template_build(config: Config) -> int:
+    """Build the template for the configured sandbox shape now (install time, CI), waiting for a
+    build another process has under way; a valid template is kept as it is."""
+    import trio  # the VMM path: only for this command
+
+    from .factory.builds import build_work_dir
+    from .factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
+    from .factory.template import ensure_template, template_meta
+    from .sandbox import VmSandbox
+
+    async def build() -> int:
+        accel = detect_accel(config.hypervisor.accel)  # type: ignore[arg-type]
+        probe = VmSandbox("template-build", config, None)  # type: ignore[arg-type]  # only its vm_config is used
+        cfg = probe.vm_config(probe.guest_image())
+        key = template_key(cfg, accel, guest_image_hash(cfg), qemu_version())
+        store = _store(config)
+        existed = store.lookup(key) is not None
+        t0 = time.monotonic()
+        work_dir = build_work_dir(config.runtime.state_dir, key)
+        try:
+            await ensure_template(store, key, cfg, accel, work_dir=work_dir, timeout=config.agent.dial_timeout_s,
+                                  meta=template_meta(cfg, accel, guest_image_hash(cfg)), wait=True)
+        finally:
+            with contextlib.suppress(OSError):
+                work_dir.parent.rmdir()
+        how = "present" if existed else f"built in {time.monotonic() - t0:.1f} s"
+        print(f"template {key} ({accel.name}, {cfg.memory_mib} MiB): {how}, in {store.root}")
+        return 0
+
+    try:
+        return trio.run(build)
+    except (NoTemplate, VmmError, OSError, trio.TooSlowError) as exc:
+        print(f"kata-py template build: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_pool(config: Config, args: argparse.Namespace) -> int:
     from .factory.pool import run_pool  # imports trio and the VMM: only for this command
 
@@ -71,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="configuration file (default: $KATA_PY_CONFIG, /etc/kata-py/configuration.toml)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="show configuration, accelerator choice and guest image").set_defaults(fn=cmd_env)
-    t = sub.add_parser("template", help="list or clear the VM template cache")
-    t.add_argument("action", choices=("list", "clear"))
+    t = sub.add_parser("template", help="list, build (for the configured VM shape) or clear the template cache")
+    t.add_argument("action", choices=("list", "build", "clear"))
     t.set_defaults(fn=cmd_template)
     pool = sub.add_parser("pool", help="serve a warm pool of restored VMs to shims")
     pool.add_argument("--socket", help="unix socket to listen on (default: [factory] pool_socket)")

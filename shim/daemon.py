@@ -2,7 +2,9 @@
 
 Runs detached (own session), logs into the bundle's `log` fifo that containerd reads, serves ttrpc on
 the listening socket inherited from `start`, and exits once Shutdown finds no containers left (or on
-SIGTERM), stopping its VM first.
+SIGTERM), stopping its VM first. If its sandbox booted cold for want of a template, the template build
+it started afterwards may keep it alive for a while after it stopped serving (TEMPLATE_BUILD_GRACE_S;
+SIGTERM cancels the build).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -28,6 +31,8 @@ from .timing import log_shim_start
 
 log = logging.getLogger("kata-py")
 PR_SET_CHILD_SUBREAPER = 36
+# how long a shim outlives its last container to finish the template build it started
+TEMPLATE_BUILD_GRACE_S = 180.0
 
 
 def _open_log(bundle: str, debug: bool) -> None:
@@ -53,39 +58,70 @@ async def serve(args: ShimArgs, grouping: str, listen_fd: int | None) -> None:
         sock = ttrpc.bind_unix_socket(socket_path(socket_address(args.address, args.namespace, grouping,
                                                                  args.socket_dir)))
     path = sock.getsockname()
-    shutdown = trio.Event()
+    shutdown, stopped = trio.Event(), trio.Event()
     publisher = Publisher(args.namespace, os.environ.get("TTRPC_ADDRESS", ""), args.publish_binary,
                           args.address)
     log.info("shim %d serving %s for sandbox %s (config: %s)", os.getpid(), path, grouping, config.source)
+    hurry = trio.Event()  # a signal: stop now, leave no background work behind
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(publisher.run)
             sandbox = VmSandbox(grouping, config, nursery)
-            service = TaskService(sandbox, publisher, nursery, shutdown)
+            service = TaskService(sandbox, publisher, nursery, shutdown, stopped)
             server = ttrpc.Server()
             server.register(TASK_SERVICE, service.methods())
-            await nursery.start(server.serve, ttrpc.listener_from_socket(sock))
+            listener = ttrpc.listener_from_socket(sock)
+            serving = trio.CancelScope()
+            nursery.start_soon(_serve, server, listener, serving)
             log_shim_start()
-            nursery.start_soon(_signals, shutdown)
+            nursery.start_soon(_signals, shutdown, hurry)
             await shutdown.wait()
             log.info("shutting down")
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(30):
                     await sandbox.stop()
+                stopped.set()
                 await publisher.close(timeout=2)
+            # containerd waits for our connection to close (and then runs `delete`): close it, then
+            # let a template build we started finish so that the next pod finds a template
+            if not hurry.is_set():
+                with trio.move_on_after(1):  # let the Shutdown answer go out: containerd hangs up on it
+                    await server.wait_no_connections()
+            serving.cancel()
+            await listener.aclose()
+            _unlink(path)
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(_cancel_when, hurry, sandbox.cancel_background)
+                await sandbox.wait_background(TEMPLATE_BUILD_GRACE_S)
+                waiting.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        _unlink(path)
 
 
-async def _signals(shutdown: trio.Event) -> None:
+async def _serve(server: ttrpc.Server, listener: trio.SocketListener, scope: trio.CancelScope) -> None:
+    with scope:
+        await server.serve(listener)
+
+
+async def _cancel_when(event: trio.Event, cancel: Callable[[], None]) -> None:
+    await event.wait()
+    cancel()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+async def _signals(shutdown: trio.Event, hurry: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal %d: shutting down", signum)
             shutdown.set()
+            hurry.set()
 
 
 def run(args: ShimArgs, grouping: str) -> int:

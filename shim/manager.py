@@ -25,6 +25,7 @@ from ttrpc.sockets import bind_unix_socket
 
 from . import mounts, oci, wire
 from .config import load_config
+from .factory.builds import reap_orphan_builds
 from .timing import START_CMD_ENV, process_age_s
 
 SOCKET_DIR = "/run/containerd/s"
@@ -149,6 +150,7 @@ def delete(args: ShimArgs) -> bytes:
             config = load_config(args.config_path or None)
             cleanup_sandbox(config.runtime.state_dir, grouping)
             cleanup_host_cgroups(bundle, grouping, config.runtime.sandbox_cgroup_only)
+            reap_orphan_builds(config.runtime.state_dir)  # a killed shim's template build
     return wire.encode_delete_response(exit_status=128 + signal.SIGKILL)
 
 

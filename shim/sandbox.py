@@ -55,11 +55,12 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
+from .factory.builds import build_work_dir, reap_orphan_builds
 from .factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .factory.protocol import PoolError
 from .factory.protocol import request as pool_request
 from .factory.store import TemplateStore
-from .factory.template import build_template, restore_clone
+from .factory.template import ensure_template, restore_clone, template_meta
 from .hooks import Hook, oci_state, parse_hooks, run_hooks
 from .manager import sandbox_state_dir
 from .network.spec import netns_path
@@ -141,6 +142,12 @@ class VmSandbox:
         self._containers: list[Container] = []  # the service's view, for the reconciler's provider
         self._cgroups: CgroupManager | None = None
         self._poststop: tuple[list[Hook], str, dict[str, str]] = ([], "", {})
+        self.boot = ""  # how the VM came up: pool | template | cold (set by start)
+        # a template to build once this sandbox runs (there was none), and that build's lifetime
+        self._template_wanted: tuple[TemplateStore, str, VmConfig, AccelChoice] | None = None
+        self._background_scope = trio.CancelScope()
+        self._background_done = trio.Event()
+        self._background_done.set()
 
     # --- what the service uses ------------------------------------------------------------------
     @property
@@ -205,17 +212,16 @@ class VmSandbox:
         return calculate_sandbox([(c.resources, c.running()) for c in self._containers], self.sizing)
 
     async def stop(self) -> None:
-        """Stop the VM and remove everything on the host. Idempotent."""
+        """Stop the VM and remove everything on the host. Idempotent.
+
+        No DestroySandbox first: whatever still runs in the guest ends with the VM, and nothing is
+        pending there (9p is mounted without a cache, so every write already reached the host);
+        asking the guest to remove its containers would only add crun runs (~0.5 s under TCG).
+        """
         self._stopped = True
         self._reconciler_scope.cancel()
         if self._agent is not None:
             agent, self._agent = self._agent, None
-            if self.vm_exit is None:
-                with trio.move_on_after(2):
-                    try:
-                        await agent.destroy_sandbox()
-                    except AgentError as exc:
-                        log.info("destroy sandbox: %s", exc)
             await agent.aclose()
         if self._vm is not None:
             await self._vm.stop()
@@ -292,13 +298,57 @@ class VmSandbox:
                 raise
             raise Unavailable(f"sandbox {self.id}: VM start failed: {exc}\nconsole:\n{tail}") from exc
         self.timings = dict(timer.phases)
+        self.boot = boot
         timer.log(accel=accel.name, boot=boot)
+        if self._template_wanted is not None:
+            # after the pod's own start, so that its boot does not share the CPUs with the build's
+            self._background_done = trio.Event()
+            self._nursery.start_soon(self._build_template_in_background, *self._template_wanted)
+            self._template_wanted = None
+
+    async def wait_background(self, timeout: float) -> None:
+        """Let a template build this shim started finish (up to `timeout` s, then cancel it): the
+        daemon calls this after it stopped serving, so that a short-lived first pod still leaves a
+        template for the next one."""
+        with trio.move_on_after(timeout) as waited:
+            await self._background_done.wait()
+        if waited.cancelled_caught:
+            log.warning("sandbox %s: template build still running after %.0f s: cancelled", self.id, timeout)
+            self._background_scope.cancel()
+            await self._background_done.wait()
+
+    def cancel_background(self) -> None:
+        self._background_scope.cancel()
+
+    async def _build_template_in_background(self, store: TemplateStore, key: str, cfg: VmConfig,
+                                            accel: AccelChoice) -> None:
+        """Build the template for `key` unless another process is building it or already did. Its
+        failure is logged, never the sandbox's: the next sandbox boots cold and tries again."""
+        try:
+            with self._background_scope:
+                await trio.to_thread.run_sync(reap_orphan_builds, self.config.runtime.state_dir)
+                timer = PhaseTimer(f"template={key}")
+                work_dir = build_work_dir(self.config.runtime.state_dir, key)
+                try:
+                    built = await ensure_template(store, key, cfg, accel, work_dir=work_dir,
+                                                  timeout=self.config.agent.dial_timeout_s,
+                                                  meta=template_meta(cfg, accel, guest_image_hash(cfg)), wait=False)
+                finally:
+                    with contextlib.suppress(OSError):
+                        work_dir.parent.rmdir()  # <state>/tb/<our pid>, if now empty
+                if built is not None:
+                    timer.mark("template_build")
+                    timer.log(sandbox=self.id)
+        except (VmmError, OSError, trio.TooSlowError) as exc:
+            log.warning("sandbox %s: building template %s failed: %s", self.id, key, exc)
+        finally:
+            self._background_done.set()
 
     async def _launch_vm(self, cfg: VmConfig, accel: AccelChoice, timer: PhaseTimer) -> str:
         """Get a running VM with a connected agent into self._vm / self._agent; say how: "pool" (a
-        ready VM from the `kata-py pool` service), "template" (restored from a cached template),
-        "template-built" (no template yet: one was built from a fresh boot, then restored), or "cold"
-        (templates off or unusable). Each fallback is logged with its reason."""
+        ready VM from the `kata-py pool` service), "template" (restored from a cached template), or
+        "cold" (templates off, none built yet — one is then built in the background once this
+        sandbox runs — or unusable). Each fallback is logged with its reason."""
         if self.config.factory.template and self.config.factory.pool_socket:
             try:
                 if await self._launch_from_pool(cfg, accel, timer):
@@ -321,9 +371,10 @@ class VmSandbox:
         return "cold"
 
     async def _launch_from_template(self, cfg: VmConfig, accel: AccelChoice, timer: PhaseTimer) -> str | None:
-        """Restore a clone of the template for `cfg`, building the template first if there is none.
+        """Restore a clone of the template for `cfg`.
 
-        None: no template can be used (logged why). Raises VmmError, AgentError, OSError,
+        None: no template can be used (logged why); when there is none yet, one is built in the
+        background after this sandbox started. Raises VmmError, AgentError, OSError,
         trio.TooSlowError; a template whose restore failed is removed so that it is rebuilt.
         """
         f = self.config.factory
@@ -334,22 +385,10 @@ class VmSandbox:
             log.info("sandbox %s: no template for this VM: %s", self.id, exc)
             return None
         template = await trio.to_thread.run_sync(store.lookup, key)
-        how = "template"
         if template is None:
-            with store.try_lock(key) as mine:
-                if not mine:
-                    log.info("sandbox %s: template %s is being built by another shim", self.id, key)
-                    return None
-                template = await trio.to_thread.run_sync(store.lookup, key)  # built while we looked?
-                if template is None:
-                    store.remove_stale_builds()
-                    template = await build_template(store, key, cfg, accel, work_dir=self.state_dir / "tpl",
-                                                    timeout=self.config.agent.dial_timeout_s,
-                                                    extra={"guest": guest_image_hash(cfg), "accel": accel.name,
-                                                           "memory_mib": cfg.memory_mib,
-                                                           "max_vcpus": cfg.max_vcpus})
-                    how = "template-built"
-            timer.mark("template_build")
+            log.info("sandbox %s: no template %s yet: booting cold, building it afterwards", self.id, key)
+            self._template_wanted = (store, key, cfg, accel)
+            return None
         try:
             self._vm = await restore_clone(template, cfg, accel, self._nursery, on_exit=self._on_vm_exit)
             timer.mark("vm_restore")
@@ -358,7 +397,7 @@ class VmSandbox:
             store.remove(key)  # never reuse a template that failed to come up
             raise
         log.info("sandbox %s: restored from template %s", self.id, key)
-        return how
+        return "template"
 
     async def _launch_from_pool(self, cfg: VmConfig, accel: AccelChoice, timer: PhaseTimer) -> bool:
         """Adopt a ready VM from the pool (it moves the VM's sockets and shared dir into our state

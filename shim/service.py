@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 TASK_SERVICE = "containerd.task.v2.Task"
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+SHUTDOWN_WAIT_S = 2.5
 
 _STATUS = {
     State.CREATED: task_types.CREATED, State.RUNNING: task_types.RUNNING, State.PAUSED: task_types.PAUSED,
@@ -59,11 +60,12 @@ class TaskService:
     """The Task API of one shim. Owns the container table; `nursery` runs the process watchers."""
 
     def __init__(self, sandbox: Sandbox, publisher: Publisher, nursery: trio.Nursery,
-                 shutdown: trio.Event) -> None:
+                 shutdown: trio.Event, stopped: trio.Event | None = None) -> None:
         self.sandbox = sandbox
         self.publisher = publisher
         self._nursery = nursery
-        self._shutdown = shutdown
+        self._shutdown = shutdown  # set by Shutdown: the daemon stops the sandbox...
+        self._stopped = stopped  # ...and sets this once the VM is gone
         self.containers: dict[str, Container] = {}  # guarded by _table_lock for create/delete
         self._table_lock = trio.Lock()
 
@@ -378,5 +380,10 @@ class TaskService:
         # containerd sends Shutdown once per container; the pod shim lives while any remains
         if not self.containers:
             self._shutdown.set()
+            if self._stopped is not None:
+                # containerd closes the connection on our answer and goes on (its Delete returns):
+                # answer once the VM is gone, within containerd's 3 s shutdown timeout
+                with trio.move_on_after(SHUTDOWN_WAIT_S):
+                    await self._stopped.wait()
         return empty_pb2.Empty()
 

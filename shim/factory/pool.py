@@ -35,7 +35,7 @@ from ..errors import ShimError
 from .key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .protocol import PoolError, receive, send
 from .store import MIB, Template, TemplateStore
-from .template import build_template, restore_clone
+from .template import ensure_template, restore_clone, template_meta
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +124,10 @@ class Pool:
 
     async def _template(self, work_dir: Path, cfg: VmConfig) -> Template:
         assert self.accel is not None
-        template = await trio.to_thread.run_sync(self.store.lookup, self.key)
-        while template is None:
-            with self.store.try_lock(self.key) as mine:
-                if mine:
-                    template = await trio.to_thread.run_sync(self.store.lookup, self.key)
-                    if template is None:
-                        template = await build_template(
-                            self.store, self.key, cfg, self.accel, work_dir=work_dir,
-                            timeout=self.config.agent.dial_timeout_s,
-                            extra={"guest": guest_image_hash(cfg), "accel": self.accel.name,
-                                   "memory_mib": cfg.memory_mib, "max_vcpus": cfg.max_vcpus})
-                    return template
-            await trio.sleep(1)  # someone else builds it
-            template = await trio.to_thread.run_sync(self.store.lookup, self.key)
+        template = await ensure_template(self.store, self.key, cfg, self.accel, work_dir=work_dir,
+                                         timeout=self.config.agent.dial_timeout_s,
+                                         meta=template_meta(cfg, self.accel, guest_image_hash(cfg)), wait=True)
+        assert template is not None  # wait=True
         return template
 
     async def _fill(self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:

@@ -84,6 +84,33 @@ async def build_template(store: TemplateStore, key: str, cfg: VmConfig, accel: A
     return template
 
 
+def template_meta(cfg: VmConfig, accel: AccelChoice, guest_hash: str) -> dict[str, Any]:
+    """What `kata-py template list` shows about a template, stored in its metadata."""
+    return {"guest": guest_hash, "accel": accel.name, "memory_mib": cfg.memory_mib, "max_vcpus": cfg.max_vcpus}
+
+
+async def ensure_template(store: TemplateStore, key: str, cfg: VmConfig, accel: AccelChoice, *,
+                          work_dir: Path, timeout: float, meta: dict[str, Any], wait: bool) -> Template | None:
+    """The template for `key`, built first if there is none (store.lookup rejects stale, truncated
+    or mismatched ones). While another process builds it: wait for that build (`wait`) or return
+    None. Raises what build_template raises."""
+    while True:
+        template = await trio.to_thread.run_sync(store.lookup, key)
+        if template is not None:
+            return template
+        with store.try_lock(key) as mine:
+            if mine:
+                template = await trio.to_thread.run_sync(store.lookup, key)  # built while we looked?
+                if template is None:
+                    store.remove_stale_builds()
+                    template = await build_template(store, key, cfg, accel, work_dir=work_dir, timeout=timeout,
+                                                    extra=meta)
+                return template
+        if not wait:
+            return None
+        await trio.sleep(1)  # someone else builds it
+
+
 async def wait_console_marker(vm: QemuHypervisor, marker: bytes, poll: float = 0.02) -> None:
     """Return once `marker` is in the VM's console log (never dials the guest). Raises
     VmNotRunning if the VM exits first; the caller bounds the wait."""

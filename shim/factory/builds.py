@@ -1,0 +1,42 @@
+"""Where template VMs are built, and the reaping of builds whose builder died (stdlib only: the
+`delete` action runs it, and containerd waits for that)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+BUILDS_DIR = "tb"  # under the runtime's state dir: tb/<pid of the builder>/<key prefix> (short: socket paths)
+
+
+def build_work_dir(state_root: str | Path, key: str) -> Path:
+    """Where this process boots the template VM for `key` (sockets, console): named by our pid, so
+    that reap_orphan_builds can tell a live builder's VM from one a killed shim left behind."""
+    return Path(state_root) / BUILDS_DIR / str(os.getpid()) / key[:8]
+
+
+def reap_orphan_builds(state_root: str | Path) -> list[int]:
+    """Kill the template VMs of builders that died (SIGKILLed shims) and remove their directories;
+    return the QEMU pids killed. A VM is only killed when its command line names its own build
+    directory (pids get reused)."""
+    killed: list[int] = []
+    root = Path(state_root) / BUILDS_DIR
+    try:
+        owners = [d for d in root.iterdir() if d.name.isdigit()]
+    except OSError:
+        return killed
+    for owner in owners:
+        if Path(f"/proc/{owner.name}").exists():
+            continue  # the builder lives (it cleans up after itself)
+        for pid_file in owner.glob("*/qemu.pid"):
+            try:
+                pid = int(pid_file.read_text().strip())
+                if str(pid_file.parent).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(owner, ignore_errors=True)
+    return killed
