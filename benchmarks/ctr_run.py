@@ -47,7 +47,7 @@ from tests.support.containerd import PrivateContainerd  # noqa: E402
 RUNC = "io.containerd.runc.v2"
 NAMES = {RUNC: "runc", KATA: "kata-py"}
 KATA_NULL_IO = "kata-py --null-io"  # a variant: the same runtime with ctr's --null-io (no stdio fifos)
-TIMING = re.compile(r"timing (sandbox|container)=([\w.-]+) ((?:\w+=[\w.]+ ?)+)")
+TIMING = re.compile(r"timing (shim|sandbox|container|lifecycle)=([\w.-]+) ((?:\w+=[\w.]+ ?)+)")
 EVENT = re.compile(r'time="([\d-]+T[\d:]+\.\d{6})\d*Z".*msg="event forwarded".*topic=/tasks/(start|exit|delete) ')
 CONTAINER_TIMING = re.compile(r"timing container=([\w.-]+) ")
 SANDBOX_PHASES = ("vm_launch", "agent_port", "agent_ready", "sandbox_create")

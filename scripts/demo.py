@@ -8,6 +8,7 @@ Everything lives in a temp dir and is removed at the end; nothing touches the ho
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,13 @@ from tests.support.containerd import RUNTIME, PrivateContainerd  # noqa: E402
 
 def main() -> int:
     command = sys.argv[1:] or ["sh", "-c", "echo hello from a kata-py VM; uname -a; nproc; free -m"]
-    ctd = PrivateContainerd().start()
+    ctd = PrivateContainerd()
     try:
+        # as at install time: the VM template for this configuration (a first build boots a guest,
+        # ~15-30 s under TCG; later runs find it in the cache), so the run below restores it
+        subprocess.run([sys.executable, "-m", "shim.cli", "--config", str(ctd.kata_config), "template", "build"],
+                       check=True, timeout=900)
+        ctd.start()
         print(f"[demo] private containerd at {ctd.address} (state in {ctd.dir})")
         image = ctd.import_busybox()
         print(f"[demo] imported {image}; running: ctr run --rm --runtime {RUNTIME} {image} demo {' '.join(command)}")

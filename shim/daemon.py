@@ -73,7 +73,7 @@ async def serve(args: ShimArgs, grouping: str, listen_fd: int | None) -> None:
             listener = ttrpc.listener_from_socket(sock)
             serving = trio.CancelScope()
             nursery.start_soon(_serve, server, listener, serving)
-            log_shim_start()
+            log_shim_start(grouping)
             nursery.start_soon(_signals, shutdown, hurry)
             await shutdown.wait()
             log.info("shutting down")

@@ -1,8 +1,9 @@
 """Where a start's time goes: phase timers logged as one structured `timing` line each.
 
 Lines (parsed by benchmarks/):
-  timing shim=<pid> start_cmd=<s> daemon_init=<s>      the `start` action until it spawned the daemon,
-                                                        the daemon's own start-up until it serves
+  timing shim=<sandbox id> pid=<pid> start_cmd=<s> daemon_init=<s>
+                                                       the `start` action until it spawned the daemon,
+                                                       the daemon's own start-up until it serves
   timing sandbox=<id> <phase>=<s> ... total=<s>        VmSandbox.start(), phase by phase
   timing container=<id> rootfs=<s> ... total=<s>       create_container, phase by phase
   timing lifecycle=<id> create=<s> ... delete=<s>      one task from Create to Delete (LifecycleTimer)
@@ -92,8 +93,9 @@ def process_age_s(pid: int | str = "self") -> float:
         return 0.0
 
 
-def log_shim_start() -> None:
+def log_shim_start(sandbox_id: str) -> None:
     """The daemon serves: say how long `start` and the daemon's own start-up took."""
     start_cmd = os.environ.pop(START_CMD_ENV, "")
-    fields = (f"start_cmd={start_cmd} " if start_cmd else "") + f"daemon_init={process_age_s():.3f}"
-    log.info("timing shim=%d %s", os.getpid(), fields)
+    fields = f"pid={os.getpid()} " + (f"start_cmd={start_cmd} " if start_cmd else "") + \
+        f"daemon_init={process_age_s():.3f}"
+    log.info("timing shim=%s %s", sandbox_id, fields)
