@@ -81,6 +81,8 @@ def main(argv: list[str]) -> int:
     agent = Agent(root=root, address=address, runtime=args.runtime, guest=guest_mode,
                   log_level=log_level or "info")
     agent.start()
+    if guest_mode:
+        agent.warm_up()
     print("KATA_PY_AGENT_READY", flush=True)
     agent.run_until_signalled()
     if pid1:

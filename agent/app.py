@@ -45,6 +45,27 @@ class Agent:
         self._server = serve(self.address, AgentServicer(self.root, self.sandbox, self.containers,
                                                           self.oom))
 
+    def warm_up(self) -> None:
+        """Before the agent says it is ready (and a template is saved), go once through what a
+        clone's first requests need. The OCI runtime's binary and libraries enter the guest's page
+        cache, which the template captures: a clone's first crun create 0.68 → 0.40 s, start
+        0.32 → 0.19 s under TCG (a whole throwaway container gained nothing more). One health check
+        over the local socket makes the server's first-call set-up (worker threads, lazy state)
+        part of the template too: the host's first Check after a restore ~0.5 → ~0.3 s."""
+        log = logging.getLogger("agent")
+        try:
+            log.debug("warm-up: %s", self.runtime.version().splitlines()[0])
+        except Exception as e:  # noqa: BLE001 - only an optimisation: a real create will say what is wrong
+            log.warning("warm-up: %s --version failed: %s", self.runtime.name, e)
+        try:
+            import grpc
+
+            from protos.agent.v1 import agent_pb2, agent_pb2_grpc
+            with grpc.insecure_channel(self.address) as channel:
+                agent_pb2_grpc.AgentStub(channel).Check(agent_pb2.CheckRequest(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - as above
+            log.warning("warm-up: health check: %s", e)
+
     def run_until_signalled(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())

@@ -2,9 +2,11 @@
 
 import enum
 import json
+import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,8 @@ from agent.reaper import Reaper
 from agent.spec import exec_process, guest_spec
 from agent.stdio import ProcessStdio
 from agent.storage import Mounted, unmount_storage
+
+log = logging.getLogger("agent")
 
 
 class State(enum.Enum):
@@ -112,8 +116,11 @@ class Containers:
             init = Process(container_id, "", stdio)
             pid_file = os.path.join(bundle, "init.pid")
             since = self._reaper.mark()
+            t0 = time.monotonic()
             pty = self.runtime.create(container_id, bundle, pid_file, stdio.runtime_stdio(),
                                       os.path.join(bundle, "console.sock") if terminal else None)
+            log.debug("timing runtime=%s create=%s took=%.3f", self.runtime.name, container_id,
+                      time.monotonic() - t0)
             stdio.spawned(pty)
             init.follow(self._reaper, read_pid_file(pid_file), since)
         except BaseException:

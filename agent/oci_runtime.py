@@ -116,6 +116,9 @@ class OciRuntime:
             args += ["--console-socket", console_socket]
         return self._run_detached([*args, container_id], log, stdio, console_socket)
 
+    def version(self) -> str:
+        return self._run("--version").decode(errors="replace").strip()
+
     def start(self, container_id: str) -> None:
         self._run("start", container_id)
 

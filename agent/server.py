@@ -5,8 +5,10 @@ RPCs hold a thread each, hence the generous pool.
 """
 
 import functools
+import logging
 import os
 import queue
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
@@ -41,6 +43,7 @@ _CODES: dict[type[AgentError], grpc.StatusCode] = {
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 _EMPTY = empty_pb2.Empty()
+log = logging.getLogger("agent")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -55,12 +58,15 @@ def _unary(fn: F) -> F:
     """Map AgentError to its status code (the one place that does)."""
     @functools.wraps(fn)
     def wrapper(self: "AgentServicer", request: Any, context: grpc.ServicerContext) -> Any:
+        t0 = time.monotonic()
         try:
             return fn(self, request, context)
         except AgentError as e:
             context.abort(_status(e), str(e))
         except Exception as e:  # a bug or an unexpected OSError: still a readable status
             context.abort(grpc.StatusCode.INTERNAL, f"{fn.__name__}: {type(e).__name__}: {e}")
+        finally:  # the guest's side of the shim's timing lines (console, debug level)
+            log.debug("timing rpc=%s took=%.3f", fn.__name__, time.monotonic() - t0)
     return wrapper  # type: ignore[return-value]
 
 
