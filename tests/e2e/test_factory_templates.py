@@ -17,6 +17,8 @@ from shim.process import Container, Process
 from shim.sandbox import VmSandbox
 from shim.stdio import HostStdio
 from tests.e2e.test_sandbox_vm import collect, make_bundle
+from tests.support.containerd import RUNTIME, PrivateContainerd
+from tests.support.vmprocs import qemu_pids, qemus_under, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -91,3 +93,23 @@ async def test_clones_of_one_template_are_distinct_machines_and_a_corrupt_templa
     fourth = await run_probe(config, "tpl-d", bundle)
     assert fourth[0] == "cold"  # never half-used: booted cold, and rebuilt it meanwhile
     assert TemplateStore(templates).validate(template.key).meta["created"] > template.meta["created"]
+
+
+@pytest.mark.containerd
+def test_first_pod_without_a_template_boots_cold_and_its_shim_leaves_one(tmp_path: Path):
+    """Through containerd: `ctr run --rm` of a first pod returns once it ran (cold), its shim builds
+    the template after it stopped serving and then exits; the next pod restores from it."""
+    templates = tmp_path / "templates"
+    ctd = PrivateContainerd(kata_config=f'[factory]\ntemplate_dir = "{templates}"\n').start()
+    try:
+        image = ctd.import_busybox()
+        ctd.ctr("run", "--rm", "--runtime", RUNTIME, image, "first", "true", timeout=300)
+        assert "boot=cold" in ctd.log.read_text(errors="replace")
+        assert not qemus_under(ctd.kata_state / "sandboxes"), "the pod's own VM outlived ctr run --rm"
+        wait_for(lambda: TemplateStore(templates).list(), 180, "the template the first shim builds")
+        wait_for(lambda: not ctd.stray_processes(), 60, "the first shim to exit after its build")
+        ctd.ctr("run", "--rm", "--runtime", RUNTIME, image, "second", "true", timeout=300)
+        assert ctd.log.read_text(errors="replace").count("boot=template") == 1
+        assert not qemu_pids(ctd)
+    finally:
+        ctd.cleanup()
