@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -73,6 +73,9 @@ from .resources.cgroups import (
 )
 from .resources.reconciler import Reconciler
 from .resources.sizing import SandboxSizing, Target, calculate_sandbox
+
+if TYPE_CHECKING:
+    from .network.pod import PodNetwork
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,10 @@ class VmSandbox:
         self._reconciler_scope = trio.CancelScope()
         self._containers: list[Container] = []  # the service's view, for the reconciler's provider
         self._cgroups: CgroupManager | None = None
+        self._network: PodNetwork | None = None
+        self._follow_scope = trio.CancelScope()
+        self._follow_done = trio.Event()
+        self._follow_done.set()  # nothing to wait for until a follower starts
         self._poststop: tuple[list[Hook], str, dict[str, str]] = ([], "", {})
 
     # --- what the service uses ------------------------------------------------------------------
@@ -222,6 +229,7 @@ class VmSandbox:
         """Stop the VM and remove everything on the host. Idempotent."""
         self._stopped = True
         self._reconciler_scope.cancel()
+        await self._stop_following_network()
         if self._agent is not None:
             agent, self._agent = self._agent, None
             if self.vm_exit is None:
@@ -296,6 +304,7 @@ class VmSandbox:
             await self._init_guest(sandbox_spec, timer)
             await self._run_hooks(sandbox_spec, bundle, ("createRuntime", "prestart"), "created")
             await self._setup_network(sandbox_spec, timer)
+            await self._follow_network()
             await self._start_reconciler()
             await self._setup_host_cgroups(sandbox_spec)
         except (VmmError, AgentError, ShimError, OSError) as exc:
@@ -475,9 +484,38 @@ class VmSandbox:
             await self._network.setup(self._vm, self._agent)
         timer.mark("network")
 
+    async def _follow_network(self) -> None:
+        """Start the task that keeps the guest in step with the netns (no-op without one). It is the
+        sandbox's: stop() and the VM's exit cancel it. Not being able to follow is logged, not fatal."""
+        if self._network is None:
+            return
+        self._follow_scope = trio.CancelScope()
+        self._follow_done = trio.Event()
+        try:
+            await self._nursery.start(self._run_follower, self._network)
+        except OSError as exc:
+            log.warning("sandbox %s: netns changes after start will not reach the guest: %s", self.id, exc)
+
+    async def _run_follower(self, network: PodNetwork, *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from .network.follow import follow
+
+        assert self._vm is not None and self._agent is not None
+        try:
+            with self._follow_scope:
+                await follow(network, self._vm, self._agent, task_status=task_status)
+        finally:
+            self._follow_done.set()
+
+    async def _stop_following_network(self) -> None:
+        # wait for it to finish, so no tap it is attaching can slip past the teardown
+        self._follow_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self._follow_done.wait()
+
     async def _teardown_network(self) -> None:
         """Undo _setup_network on the host (qdiscs, taps; the netns is not ours). Idempotent."""
-        network, self._network = getattr(self, "_network", None), None
+        network, self._network = self._network, None
         if network is not None:
             await network.teardown()
 
@@ -558,6 +596,7 @@ class VmSandbox:
     def _on_vm_exit(self, info: VmExit) -> None:
         self.vm_exit = info
         self.vm_exited.set()
+        self._follow_scope.cancel()  # nothing left to follow into
         if not info.expected:
             tail = self._vm.console_tail(1500) if self._vm else ""
             log.error("sandbox %s: VM died (%s, rc=%s); console tail:\n%s", self.id, info.reason,
