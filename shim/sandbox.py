@@ -41,7 +41,7 @@ from vmm.errors import VmmError
 from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
 
-from . import mounts, oci
+from . import mounts, oci, volumes
 from .annotations import GuestAssets, apply_annotations
 from .config import Config
 from .errors import (
@@ -190,11 +190,11 @@ class VmSandbox:
         rootfs = self._share_rootfs(container)
         timer.mark("rootfs")
         try:
-            guest_spec = self._share_mounts(container)
+            guest_spec, pod_volumes = self._share_mounts(container)
             timer.mark("mounts")
             async with agent_errors():
                 container.init.guest_pid = await self.agent.create_container(
-                    container.id, guest_spec, rootfs, terminal=container.init.terminal,
+                    container.id, guest_spec, rootfs, storages=pod_volumes, terminal=container.init.terminal,
                     stdin=container.init.stdio.has_stdin)
         except BaseException:
             self._unshare_rootfs(container)
@@ -627,16 +627,19 @@ class VmSandbox:
             raise Internal(f"container {container.id}: rootfs: {exc}") from exc
         return Storage(driver="", source="", mount_point=f"{GUEST_SHARED}/containers/{container.id}/rootfs")
 
-    def _share_mounts(self, container: Container) -> dict[str, Any]:
-        """The spec as the guest must see it: every host bind mount shared through the 9p directory.
+    def _share_mounts(self, container: Container) -> tuple[dict[str, Any], list[Storage]]:
+        """The spec as the guest must see it, and the pod volumes the agent must provide for it.
 
-        Only what the spec names becomes visible in the guest, one bind mount per source (read-only
-        where the spec says ro). /dev/shm is backed by a tmpfs inside the guest instead of the host's
-        (CRI hands each pod a host shm directory that the guest could not share memory through).
+        Every host bind mount is shared through the 9p directory: only what the spec names becomes
+        visible in the guest, one bind mount per source (read-only where the spec says ro).
+        Kubernetes emptyDirs are not shared: the guest backs them itself (shim/volumes.py), one per
+        pod. /dev/shm is backed by a tmpfs inside the guest instead of the host's (CRI hands each pod
+        a host shm directory that the guest could not share memory through).
         Raises InvalidArgument for a missing source, Internal when a mount fails.
         """
         spec = copy.deepcopy(container.spec)
         mounts_dir = self.shared_dir / "containers" / container.id / "mounts"
+        pod_volumes: dict[str, Storage] = {}  # by guest path: a volume mounted twice is one storage
         for i, m in enumerate(spec.get("mounts") or []):
             options = list(m.get("options") or [])
             if m.get("type") not in ("bind", "rbind") and not {"bind", "rbind"} & set(options):
@@ -652,6 +655,14 @@ class VmSandbox:
             source = m.get("source", "")
             if not source.startswith("/") or not os.path.exists(source):
                 raise InvalidArgument(f"mounts[{i}].source: {source!r} does not exist on the host")
+            if volumes.is_empty_dir(source):
+                try:
+                    volume = volumes.storage_for(source, volumes.probe(source))
+                except OSError as exc:
+                    raise Internal(f"container {container.id}: mounts[{i}] {source}: {exc}") from exc
+                pod_volumes[volume.mount_point] = volume
+                m.update(source=volume.mount_point, type="bind")
+                continue
             name = f"{i}-{os.path.basename(source.rstrip('/')) or 'root'}"
             target = mounts_dir / name
             try:
@@ -668,7 +679,7 @@ class VmSandbox:
                 raise Internal(f"container {container.id}: mounts[{i}] {source}: {exc}") from exc
             m["source"] = f"{GUEST_SHARED}/containers/{container.id}/mounts/{name}"
             m["type"] = "bind"
-        return spec
+        return spec, list(pod_volumes.values())
 
     def _unshare_rootfs(self, container: Container) -> None:
         shared = self.shared_dir / "containers" / container.id
