@@ -19,6 +19,7 @@ from agent.reaper import Reaper
 from agent.spec import exec_process, guest_spec
 from agent.stdio import ProcessStdio
 from agent.storage import Mounted, unmount_storage
+from agent.volumes import PodVolumes
 
 log = logging.getLogger("agent")
 
@@ -61,9 +62,10 @@ class Containers:
     """All containers of the sandbox. Handlers look containers up here and delegate to the runtime."""
 
     def __init__(self, root: str, runtime: OciRuntime, reaper: Reaper,
-                 cgroup_root: str = cgroups.CGROUP_ROOT) -> None:
+                 cgroup_root: str = cgroups.CGROUP_ROOT, volumes: PodVolumes | None = None) -> None:
         self.root = root
         self.runtime = runtime
+        self.volumes = volumes or PodVolumes(root)  # the pod's emptyDirs, released with each container
         self._reaper = reaper
         self._cgroup_root = cgroup_root
         self._lock = threading.Lock()  # guards _containers (membership only; objects have own state)
@@ -208,7 +210,8 @@ class Containers:
 
     def remove(self, container_id: str, timeout: float | None) -> Container:
         """Kill everything, wait for the init (up to `timeout`, None = forever), delete it from the
-        runtime, remove the bundle and unmount the container's storages. Returns the container.
+        runtime, remove the bundle, unmount the container's storages and drop its pod volume
+        references (a volume goes with its last user). Returns the container.
 
         Raises NotFound, or Internal if it will not die or the runtime refuses.
         """
@@ -232,6 +235,9 @@ class Containers:
         for p in c.execs.values():
             p.stdio.close()
         shutil.rmtree(c.bundle, ignore_errors=True)
-        for m in reversed(c.storages):
-            unmount_storage(m)
+        try:
+            for m in reversed(c.storages):
+                unmount_storage(m)
+        finally:  # the container is gone either way: so is its share of the pod volumes
+            self.volumes.release(container_id)
         return c

@@ -114,6 +114,11 @@ def plan_routes(current: Sequence[Route], wanted: Sequence[Route]) -> tuple[list
     return add, delete
 
 
+def plan_addresses(current: Sequence[Address], wanted: Sequence[Address]) -> tuple[list[Address], list[Address]]:
+    """(to delete, to add) so the link holds exactly `wanted` (link-local ones are not listed)."""
+    return [a for a in current if a not in wanted], [a for a in wanted if a not in current]
+
+
 def _key(r: Route) -> tuple[str, str, int]:
     return (r.dest, r.device, r.family)
 
@@ -165,10 +170,13 @@ class Network:
         self.ip("link", "set", "dev", "lo", "up")
         if mtu:
             self.ip("link", "set", "dev", link.name, "mtu", str(mtu))
-        self.ip("addr", "flush", "dev", link.name)
-        for a in addresses:
-            self.ip(*(["-6"] if a.family == 6 else []), "addr", "add", f"{a.address}/{a.prefix_len}",
-                    "dev", link.name)
+        # only the difference: a flush would drop every route through the NIC (the default route
+        # too) until the host sends the routes again
+        remove, add = plan_addresses(link.addresses, addresses)
+        for verb, todo in (("del", remove), ("add", add)):
+            for a in todo:
+                self.ip(*(["-6"] if a.family == 6 else []), "addr", verb, f"{a.address}/{a.prefix_len}",
+                        "dev", link.name)
         self.ip("link", "set", "dev", link.name, "up")
         return self._find(mac)
 

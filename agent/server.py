@@ -31,6 +31,7 @@ from agent.paths import resolve_inside, validate_id
 from agent.sandbox import Sandbox, SandboxSpec
 from agent.spec import parse_json
 from agent.storage import DRIVERS, Mounted, StorageSpec, mount_storage, unmount_storage
+from agent.volumes import POD_DRIVERS
 from protos.agent.v1 import agent_pb2 as pb
 from protos.agent.v1 import agent_pb2_grpc as pb_grpc
 
@@ -172,6 +173,7 @@ class AgentServicer(pb_grpc.AgentServicer):
             raise InvalidArgument(f"rootfs: container {cid}: no rootfs storage given")
         rootfs = _storage(request.rootfs)
         mounted: list[Mounted] = []
+        volumes: list[str] = []  # pod volumes this call took a reference on
         try:
             if rootfs.driver:
                 mounted.append(mount_storage(rootfs, self.root, "rootfs"))
@@ -181,11 +183,17 @@ class AgentServicer(pb_grpc.AgentServicer):
                 if not os.path.isdir(rootfs_path):
                     raise InvalidArgument(f"rootfs.mount_point: {rootfs.mount_point} is not a directory")
             for i, s in enumerate(request.storages):
-                mounted.append(mount_storage(_storage(s), self.root, f"storages[{i}]"))
+                if s.driver in POD_DRIVERS:  # emptyDir: one per pod, shared, refcounted
+                    path, added = self.containers.volumes.acquire(cid, _storage(s), f"storages[{i}]")
+                    if added:
+                        volumes.append(path)
+                else:
+                    mounted.append(mount_storage(_storage(s), self.root, f"storages[{i}]"))
             c = self.containers.create(cid, spec, rootfs_path, request.terminal, request.stdin, mounted)
         except BaseException:
             for m in reversed(mounted):
                 unmount_storage(m)
+            self.containers.volumes.release(cid, volumes)
             raise
         return pb.CreateContainerResponse(pid=c.init.pid)
 

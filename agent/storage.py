@@ -1,7 +1,8 @@
 """Sandbox and container storages: make a host-described filesystem appear at a guest path.
 
-Drivers: `9p` (virtio-9p, source = mount tag), `virtio-fs` (source = tag), `ephemeral` (tmpfs),
-`bind` (source = a guest path inside the agent root), `local` (a plain directory). Every mount point and
+Drivers: `9p` (virtio-9p, source = mount tag), `virtio-fs` (source = tag), `ephemeral` (tmpfs; options
+such as size=, mode=, uid=, gid= are tmpfs's own), `bind` (source = a guest path inside the agent
+root), `local` (a plain directory; options mode=, uid=, gid=). Every mount point and
 bind source must resolve inside the agent root.
 """
 
@@ -51,7 +52,7 @@ def mount_storage(spec: StorageSpec, root: str, field_name: str = "storage") -> 
     try:
         os.makedirs(target, exist_ok=True)
         if spec.driver == "local":
-            os.chmod(target, 0o777)  # like Kata: shared scratch space for any container user
+            _own_directory(target, spec.options)
             return Mounted(spec.driver, target, is_mount=False)
         if spec.driver == "bind":
             source = resolve_inside(root, spec.source, f"{field_name}.source")
@@ -74,6 +75,19 @@ def mount_storage(spec: StorageSpec, root: str, field_name: str = "storage") -> 
     except OSError as e:
         raise Internal(f"{field_name}: {e}") from e
     return Mounted(spec.driver, target, is_mount=True)
+
+
+def _own_directory(path: str, options: list[str]) -> None:
+    """mode=<octal> (default 0777, like Kata: scratch space for any container user), uid=, gid= (the
+    host directory's owner, e.g. a pod's fsGroup). Raises InvalidArgument for a malformed option."""
+    values = dict(o.split("=", 1) for o in options if "=" in o)
+    try:
+        mode = int(values.get("mode", "777"), 8)
+        uid, gid = int(values.get("uid", "-1")), int(values.get("gid", "-1"))
+    except ValueError as e:
+        raise InvalidArgument(f"local storage options {options}: {e}") from e
+    os.chown(path, uid, gid)
+    os.chmod(path, mode & 0o7777)
 
 
 def unmount_storage(m: Mounted) -> None:

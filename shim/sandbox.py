@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -41,7 +41,7 @@ from vmm.errors import VmmError
 from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
 
-from . import mounts, oci
+from . import mounts, oci, volumes
 from .annotations import GuestAssets, apply_annotations
 from .config import Config
 from .errors import (
@@ -75,6 +75,9 @@ from .resources.cgroups import (
 from .resources.reconciler import Reconciler
 from .resources.sizing import SandboxSizing, Target, calculate_sandbox
 from .timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from .network.pod import PodNetwork
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +144,10 @@ class VmSandbox:
         self._reconciler_scope = trio.CancelScope()
         self._containers: list[Container] = []  # the service's view, for the reconciler's provider
         self._cgroups: CgroupManager | None = None
+        self._network: PodNetwork | None = None
+        self._follow_scope = trio.CancelScope()
+        self._follow_done = trio.Event()
+        self._follow_done.set()  # nothing to wait for until a follower starts
         self._poststop: tuple[list[Hook], str, dict[str, str]] = ([], "", {})
         self.boot = ""  # how the VM came up: pool | template | cold (set by start)
         # a template to build once this sandbox runs (there was none), and that build's lifetime
@@ -172,11 +179,11 @@ class VmSandbox:
         rootfs = self._share_rootfs(container)
         timer.mark("rootfs")
         try:
-            guest_spec = self._share_mounts(container)
+            guest_spec, pod_volumes = self._share_mounts(container)
             timer.mark("mounts")
             async with agent_errors():
                 container.init.guest_pid = await self.agent.create_container(
-                    container.id, guest_spec, rootfs, terminal=container.init.terminal,
+                    container.id, guest_spec, rootfs, storages=pod_volumes, terminal=container.init.terminal,
                     stdin=container.init.stdio.has_stdin)
         except BaseException:
             self._unshare_rootfs(container)
@@ -220,6 +227,7 @@ class VmSandbox:
         """
         self._stopped = True
         self._reconciler_scope.cancel()
+        await self._stop_following_network()
         if self._agent is not None:
             agent, self._agent = self._agent, None
             await agent.aclose()
@@ -288,6 +296,7 @@ class VmSandbox:
             await self._init_guest(sandbox_spec, timer)
             await self._run_hooks(sandbox_spec, bundle, ("createRuntime", "prestart"), "created")
             await self._setup_network(sandbox_spec, timer)
+            await self._follow_network()
             await self._start_reconciler()
             await self._setup_host_cgroups(sandbox_spec)
         except (VmmError, AgentError, ShimError, OSError) as exc:
@@ -500,9 +509,38 @@ class VmSandbox:
             await self._network.setup(self._vm, self._agent)
         timer.mark("network")
 
+    async def _follow_network(self) -> None:
+        """Start the task that keeps the guest in step with the netns (no-op without one). It is the
+        sandbox's: stop() and the VM's exit cancel it. Not being able to follow is logged, not fatal."""
+        if self._network is None:
+            return
+        self._follow_scope = trio.CancelScope()
+        self._follow_done = trio.Event()
+        try:
+            await self._nursery.start(self._run_follower, self._network)
+        except OSError as exc:
+            log.warning("sandbox %s: netns changes after start will not reach the guest: %s", self.id, exc)
+
+    async def _run_follower(self, network: PodNetwork, *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from .network.follow import follow
+
+        assert self._vm is not None and self._agent is not None
+        try:
+            with self._follow_scope:
+                await follow(network, self._vm, self._agent, task_status=task_status)
+        finally:
+            self._follow_done.set()
+
+    async def _stop_following_network(self) -> None:
+        # wait for it to finish, so no tap it is attaching can slip past the teardown
+        self._follow_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self._follow_done.wait()
+
     async def _teardown_network(self) -> None:
         """Undo _setup_network on the host (qdiscs, taps; the netns is not ours). Idempotent."""
-        network, self._network = getattr(self, "_network", None), None
+        network, self._network = self._network, None
         if network is not None:
             await network.teardown()
 
@@ -583,6 +621,7 @@ class VmSandbox:
     def _on_vm_exit(self, info: VmExit) -> None:
         self.vm_exit = info
         self.vm_exited.set()
+        self._follow_scope.cancel()  # nothing left to follow into
         if not info.expected:
             tail = self._vm.console_tail(1500) if self._vm else ""
             log.error("sandbox %s: VM died (%s, rc=%s); console tail:\n%s", self.id, info.reason,
@@ -613,16 +652,19 @@ class VmSandbox:
             raise Internal(f"container {container.id}: rootfs: {exc}") from exc
         return Storage(driver="", source="", mount_point=f"{GUEST_SHARED}/containers/{container.id}/rootfs")
 
-    def _share_mounts(self, container: Container) -> dict[str, Any]:
-        """The spec as the guest must see it: every host bind mount shared through the 9p directory.
+    def _share_mounts(self, container: Container) -> tuple[dict[str, Any], list[Storage]]:
+        """The spec as the guest must see it, and the pod volumes the agent must provide for it.
 
-        Only what the spec names becomes visible in the guest, one bind mount per source (read-only
-        where the spec says ro). /dev/shm is backed by a tmpfs inside the guest instead of the host's
-        (CRI hands each pod a host shm directory that the guest could not share memory through).
+        Every host bind mount is shared through the 9p directory: only what the spec names becomes
+        visible in the guest, one bind mount per source (read-only where the spec says ro).
+        Kubernetes emptyDirs are not shared: the guest backs them itself (shim/volumes.py), one per
+        pod. /dev/shm is backed by a tmpfs inside the guest instead of the host's (CRI hands each pod
+        a host shm directory that the guest could not share memory through).
         Raises InvalidArgument for a missing source, Internal when a mount fails.
         """
         spec = copy.deepcopy(container.spec)
         mounts_dir = self.shared_dir / "containers" / container.id / "mounts"
+        pod_volumes: dict[str, Storage] = {}  # by guest path: a volume mounted twice is one storage
         for i, m in enumerate(spec.get("mounts") or []):
             options = list(m.get("options") or [])
             if m.get("type") not in ("bind", "rbind") and not {"bind", "rbind"} & set(options):
@@ -638,6 +680,14 @@ class VmSandbox:
             source = m.get("source", "")
             if not source.startswith("/") or not os.path.exists(source):
                 raise InvalidArgument(f"mounts[{i}].source: {source!r} does not exist on the host")
+            if volumes.is_empty_dir(source):
+                try:
+                    volume = volumes.storage_for(source, volumes.probe(source))
+                except OSError as exc:
+                    raise Internal(f"container {container.id}: mounts[{i}] {source}: {exc}") from exc
+                pod_volumes[volume.mount_point] = volume
+                m.update(source=volume.mount_point, type="bind")
+                continue
             name = f"{i}-{os.path.basename(source.rstrip('/')) or 'root'}"
             target = mounts_dir / name
             try:
@@ -654,7 +704,7 @@ class VmSandbox:
                 raise Internal(f"container {container.id}: mounts[{i}] {source}: {exc}") from exc
             m["source"] = f"{GUEST_SHARED}/containers/{container.id}/mounts/{name}"
             m["type"] = "bind"
-        return spec
+        return spec, list(pod_volumes.values())
 
     def _unshare_rootfs(self, container: Container) -> None:
         shared = self.shared_dir / "containers" / container.id

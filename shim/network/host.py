@@ -1,4 +1,5 @@
-"""Netlink work inside the pod's netns (pyroute2): dump it, and join a veth to a new tap with tc.
+"""Netlink work inside the pod's netns (pyroute2): dump it, join a veth to a new tap with tc, and
+open a socket that hears the netns change.
 
 Every function here runs in the netns through `run_in_netns` and blocks: call them from a worker
 thread (trio.to_thread.run_sync).
@@ -7,6 +8,7 @@ thread (trio.to_thread.run_sync).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -18,12 +20,20 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from shim.network.netns import run_in_netns
 
+# pyroute2 logs every netlink message at debug level; the netns is dumped after every change
+logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 ETH_P_ALL = 0x0003
 INGRESS = "ffff:"
+# rtnetlink multicast groups (legacy bind mask): links, IPv4/IPv6 addresses and routes. Neighbours
+# are left out: learnt ARP entries change state all the time and only static ones are mirrored.
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
+MONITOR_GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,21 @@ def dump(netns: str) -> Dump:
             neighbors = [{"ifindex": m["ifindex"], "family": m["family"], "dst": m.get("dst"),
                           "lladdr": m.get("lladdr"), "state": m["state"]} for m in ipr.get_neighbours()]
         return Dump(links, addrs, routes, neighbors)
+    return _netlink(netns, work)
+
+
+def monitor(netns: str) -> socket.socket:
+    """A non-blocking rtnetlink socket of the netns, subscribed to link/address/route changes (ours
+    to close). A socket stays in the netns it was made in, so trio can wait on it from any thread."""
+    def work() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        try:
+            sock.bind((0, MONITOR_GROUPS))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
     return _netlink(netns, work)
 
 

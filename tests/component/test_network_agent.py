@@ -44,12 +44,24 @@ def test_update_interface_sets_mtu_addresses_and_up(netns: str) -> None:
     link = net.update_interface(MAC.upper(), 1400, [network.Address("10.99.0.5", 24)])
     assert link.name == "eth0" and link.mtu == 1400
     assert link.addresses == (network.Address("10.99.0.5", 24),)
-    # again with another address: flushed, not added to
+    # again with another address: replaced, not added to
     link = net.update_interface(MAC, 1400, [network.Address("10.99.1.5", 24), network.Address("fd00::5", 64, 6)])
     assert set(link.addresses) == {network.Address("10.99.1.5", 24), network.Address("fd00::5", 64, 6)}
     state = subprocess.run(["ip", "netns", "exec", netns, "ip", "-j", "link", "show", "eth0"],
                            capture_output=True, text=True, check=True).stdout
     assert '"UP"' in state
+
+
+def test_address_changes_keep_the_routes_through_the_nic(netns: str) -> None:
+    net = in_netns(netns)
+    a, b = network.Address("10.99.0.5", 24), network.Address("10.99.1.5", 24)
+    net.update_interface(MAC, 0, [a])
+    net.update_routes([network.Route("", gateway="10.99.0.1", device="eth0")])
+    # an address added or removed beside the gateway's: the default route stays (no flush)
+    assert set(net.update_interface(MAC, 0, [a, b]).addresses) == {a, b}
+    assert ("", "10.99.0.1") in {(r.dest, r.gateway) for r in net.routes()}
+    assert net.update_interface(MAC, 0, [a]).addresses == (a,)
+    assert ("", "10.99.0.1") in {(r.dest, r.gateway) for r in net.routes()}
 
 
 def test_update_interface_unknown_mac_is_not_found(netns: str) -> None:

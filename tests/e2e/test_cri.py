@@ -96,6 +96,62 @@ def test_pod_of_two_containers_in_one_vm(cri_env: tuple[PrivateContainerd, CriCl
     wait_for(lambda: not ctd.stray_processes(), 30, "shim gone after RemovePodSandbox")
 
 
+def test_empty_dirs_are_backed_in_the_guest(cri_env: tuple[PrivateContainerd, CriClient, str], tmp_path: Path):
+    """kubelet's emptyDirs (a host tmpfs for medium Memory, a plain directory otherwise) become one
+    guest tmpfs / guest directory per pod, shared by the containers mounting them; the host directories
+    stay empty, and a guest volume goes with the last container using it."""
+    ctd, client, busybox = cri_env
+    uid = "uid-volumes"
+    empty_dirs = tmp_path / "pods" / uid / "volumes" / "kubernetes.io~empty-dir"
+    cache, scratch = empty_dirs / "cache", empty_dirs / "scratch"
+    cache.mkdir(parents=True)
+    scratch.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(cache)], check=True)
+    try:
+        pod = pod_config("volumes", uid=uid)
+        pod_id = client.run_pod_sandbox(pod, RUNTIME_HANDLER)
+        try:
+            loop = ["sh", "-c", "while :; do sleep 1; done"]
+            volumes = {"/cache": str(cache), "/scratch": str(scratch)}
+            writer, reader = (client.create_container(pod_id, container_config(name, busybox, loop, mounts=volumes), pod)
+                              for name in ("writer", "reader"))
+            for cid in (writer, reader):
+                client.start_container(cid)
+
+            res = client.exec_sync(writer, ["sh", "-c", "echo from-writer > /cache/f && echo on-disk > /scratch/g"])
+            assert res.exit_code == 0, res
+            res = client.exec_sync(reader, ["sh", "-c", "cat /cache/f /scratch/g; grep -E ' /(cache|scratch) ' /proc/mounts"])
+            assert res.exit_code == 0, res
+            lines = res.stdout.decode().splitlines()
+            assert lines[:2] == ["from-writer", "on-disk"], res
+            [cache_line] = [line for line in lines if " /cache " in line]
+            assert cache_line.split()[2] == "tmpfs" and "size=16384k" in cache_line, cache_line
+            assert not any(" 9p " in line for line in lines), lines  # neither comes from the host
+            assert os.listdir(cache) == [] and os.listdir(scratch) == []
+
+            # the pod's volumes, not the writer's: they outlive the writer while the reader uses them
+            client.stop_container(writer, timeout_s=5)
+            client.remove_container(writer)
+            res = client.exec_sync(reader, ["cat", "/cache/f", "/scratch/g"])
+            assert res.stdout == b"from-writer\non-disk\n", res
+            # the last user removed, they go: a later container of the pod gets them anew, empty
+            client.stop_container(reader, timeout_s=5)
+            client.remove_container(reader)
+            later = client.create_container(pod_id, container_config("later", busybox, loop, mounts=volumes), pod)
+            client.start_container(later)
+            res = client.exec_sync(later, ["ls", "-A", "/cache", "/scratch"])
+            assert res.exit_code == 0 and res.stdout == b"/cache:\n\n/scratch:\n", res
+        finally:
+            client.stop_pod_sandbox(pod_id)
+            client.remove_pod_sandbox(pod_id)
+        wait_for(lambda: not qemu_pids(ctd), 30, "QEMU gone after RemovePodSandbox")
+        wait_for(lambda: not ctd.stray_processes(), 30, "shim gone after RemovePodSandbox")
+        assert not list(ctd.kata_state.glob("sandboxes/*")), "sandbox state left behind"
+        assert os.listdir(cache) == [] and os.listdir(scratch) == []
+    finally:
+        subprocess.run(["umount", str(cache)], check=False)
+
+
 def test_refused_annotations_fail_run_pod_sandbox(tmp_path: Path):
     guest = Config().guest_dir().resolve()
     config = (f'[hypervisor]\nvalid_asset_dirs = ["{guest}"]\n'

@@ -1,15 +1,16 @@
-"""Pod networking end to end: two kata-py VMs in two netns on one bridge reach each other (issue #7).
+"""Pod networking end to end (issue #7): two kata-py VMs in two netns on one bridge reach each other,
+and what changes in a pod's netns after start follows into its VM.
 
-The test builds the network itself (a bridge in the host netns, a veth into each of two `kpnet-*`
-netns, 10.99.0.0/24 with no address on the host side, so the traffic stays between the two netns),
-runs `nc -l` in one VM and `nc` in the other, then checks no tap, qdisc or QEMU is left.
+The tests build the network themselves (a bridge in the host netns, a veth into each `kpnet-*` netns,
+10.99.0.0/24 with no address on the host side, so the traffic stays between the netns), and check
+that no tap, qdisc or QEMU is left.
 """
 
 from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -95,3 +96,70 @@ def test_two_vms_on_one_bridge_reach_each_other(containerd: PrivateContainerd,
     for pod in two_netns:
         state = netns_state(pod)
         assert "tap" not in state and "ingress" not in state, state
+
+
+@pytest.fixture
+def one_netns() -> Iterator[PodNet]:
+    """A netns whose eth0 (10.99.0.10/24, default via 10.99.0.1) pairs with a veth in the host netns."""
+    tag = uuid.uuid4().hex[:6]
+    pod = PodNet(f"kpnet-{tag}-f", "10.99.0.10")
+    try:
+        ip("netns", "add", pod.netns)
+        ip("link", "add", f"kpf{tag}", "type", "veth", "peer", "name", "eth0", "netns", pod.netns)
+        ip("link", "set", f"kpf{tag}", "up")
+        ip("-n", pod.netns, "addr", "add", f"{pod.address}/24", "dev", "eth0")
+        ip("-n", pod.netns, "link", "set", "eth0", "up")
+        ip("-n", pod.netns, "route", "add", "default", "via", "10.99.0.1")
+        yield pod
+    finally:
+        for host_end in (f"kpf{tag}", f"kpg{tag}"):  # kpg: the test's second veth, if it is still there
+            ip("link", "del", host_end, check=False)
+        ip("netns", "del", pod.netns, check=False)
+
+
+def test_netns_changes_after_start_follow_into_the_guest(containerd: PrivateContainerd,
+                                                         one_netns: PodNet) -> None:
+    pod, tag = one_netns, one_netns.netns.split("-")[1]
+    busybox = containerd.import_busybox()
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, "--with-ns", f"network:{pod.path}", busybox, "box",
+                   "sh", "-c", "while :; do sleep 1; done")
+    probes = iter(range(1000))
+
+    def guest_sees(cond: Callable[[str], bool], what: str) -> str:
+        def look() -> str | None:
+            out = containerd.ctr("tasks", "exec", "--exec-id", f"p{next(probes)}", "box", "sh", "-c",
+                                 "ip -o link show; ip -o addr show; echo ---; ip route").stdout.decode()
+            return out if cond(out) else None
+        return wait_for(look, timeout=90, what=f"the guest sees {what}")
+
+    try:
+        guest_sees(lambda out: f"{pod.address}/24" in out, "its first address")
+        # an address and a route added to the netns while the pod runs
+        ip("-n", pod.netns, "addr", "add", "10.99.1.20/24", "dev", "eth0")
+        ip("-n", pod.netns, "route", "add", "10.98.0.0/16", "via", "10.99.0.1")
+        out = guest_sees(lambda o: "10.99.1.20/24" in o and "10.98.0.0/16 via 10.99.0.1" in o,
+                         "the new address and route")
+        assert f"{pod.address}/24" in out and "default via 10.99.0.1" in out
+        # a second veth: a new tap and NIC, and its address in the guest
+        ip("link", "add", f"kpg{tag}", "type", "veth", "peer", "name", "eth1", "netns", pod.netns)
+        ip("-n", pod.netns, "addr", "add", "10.97.0.5/24", "dev", "eth1")
+        ip("-n", pod.netns, "link", "set", "eth1", "up")
+        out = guest_sees(lambda o: "10.97.0.5/24" in o, "the second interface")
+        second = next(line.split()[1] for line in out.splitlines() if "10.97.0.5/24" in line)
+        assert "tap1_kata" in netns_state(pod)
+        # and all of it removed again: the guest follows
+        ip("-n", pod.netns, "route", "del", "10.98.0.0/16")
+        ip("-n", pod.netns, "addr", "del", "10.99.1.20/24", "dev", "eth0")
+        ip("link", "del", f"kpg{tag}")
+        out = guest_sees(lambda o: not any(x in o for x in ("10.99.1.20", "10.98.0.0", "10.97.0.5",
+                                                            f": {second}:")), "the removals and the unplug")
+        assert f"{pod.address}/24" in out and "default via 10.99.0.1" in out
+        state = netns_state(pod)
+        assert "tap0_kata" in state and "tap1_kata" not in state, state
+    finally:
+        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "box", check=False)
+        containerd.ctr("tasks", "delete", "-f", "box", check=False)
+        containerd.ctr("containers", "delete", "box", check=False)
+    wait_for(lambda: not qemu_pids(containerd), timeout=60, what="QEMU gone")
+    state = netns_state(pod)
+    assert "tap" not in state and "ingress" not in state, state

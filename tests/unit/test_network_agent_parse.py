@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from agent import network
-from agent.network import Address, Link, Route, parse_links, parse_routes, plan_routes, route_args
+from agent.network import (
+    Address,
+    Link,
+    Route,
+    parse_links,
+    parse_routes,
+    plan_addresses,
+    plan_routes,
+    route_args,
+)
 
 
 def test_parse_links_skips_loopback_and_link_local() -> None:
@@ -37,3 +46,10 @@ def test_plan_routes_keeps_kernel_routes_and_orders_gateways_last() -> None:
     add, delete = plan_routes([kernel, stale], wanted)
     assert add == [Route("192.168.0.0/24", device="eth0", scope=253), Route("", gateway="10.99.0.1", device="eth0")]
     assert delete == [stale]
+
+
+def test_plan_addresses_touches_only_the_difference() -> None:
+    a, b, c = Address("10.99.0.5", 24), Address("10.99.1.5", 24), Address("fd00::5", 64, 6)
+    assert plan_addresses([a, b], [a, c]) == ([b], [c])
+    assert plan_addresses([a], [a]) == ([], [])
+    assert plan_addresses([a, c], []) == ([a, c], [])
