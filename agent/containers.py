@@ -16,7 +16,7 @@ from agent.oci_runtime import OciRuntime, read_pid_file
 from agent.paths import validate_id
 from agent.process import Process
 from agent.reaper import Reaper
-from agent.spec import exec_process, guest_spec
+from agent.spec import exec_process, guest_spec, pod_sandbox_id
 from agent.stdio import ProcessStdio
 from agent.storage import Mounted, unmount_storage
 from agent.volumes import PodVolumes
@@ -111,7 +111,7 @@ class Containers:
                 raise AlreadyExists(f"container {container_id}: bundle {bundle} already exists") from e
         stdio = None
         try:
-            config = guest_spec(spec, container_id, rootfs, terminal)
+            config = guest_spec(spec, container_id, rootfs, terminal, self._pod_init_pid(spec, container_id))
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(config, f)
             stdio = ProcessStdio(terminal, want_stdin)
@@ -135,6 +135,18 @@ class Containers:
         with self._lock:
             self._containers[container_id] = c
         return c
+
+    def _pod_init_pid(self, spec: dict[str, Any], container_id: str) -> int:
+        """The guest pid of the running init of this container's pod sandbox container (whose ipc,
+        uts and pid namespaces the pod's containers share), or 0."""
+        sandbox_id = pod_sandbox_id(spec)
+        if not sandbox_id or sandbox_id == container_id:
+            return 0
+        with self._lock:
+            sandbox = self._containers.get(sandbox_id)
+        if sandbox is None or sandbox.init.exited:
+            return 0
+        return sandbox.init.pid
 
     def start(self, container_id: str) -> None:
         """Raises NotFound, FailedPrecondition (not in created state) or Internal."""

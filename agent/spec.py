@@ -27,12 +27,31 @@ def cgroups_path(container_id: str) -> str:
     return f"/{CGROUP_PARENT}/{container_id}"
 
 
-def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: bool) -> dict[str, Any]:
+# the namespaces CRI has a pod's containers join (paths of the pause container on the host)
+POD_SHARED_NAMESPACES = ("ipc", "uts", "pid")
+# the annotations naming a container's pod sandbox (containerd CRI, CRI-O)
+SANDBOX_ID_KEYS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID")
+
+
+def pod_sandbox_id(spec: dict[str, Any]) -> str:
+    """The id of the pod sandbox (pause) container a container belongs to, or ""."""
+    annotations = spec.get("annotations") or {}
+    for key in SANDBOX_ID_KEYS:
+        if isinstance(annotations.get(key), str):
+            return annotations[key]
+    return ""
+
+
+def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: bool,
+               sandbox_init_pid: int = 0) -> dict[str, Any]:
     """Return a copy of `spec` fit to run in the guest.
 
     - root.path becomes `rootfs` (the guest path of the container's root filesystem);
-    - the network namespace is removed (containers share the VM's network, which is the pod's) and
-      namespace paths naming host processes (/proc/<pid>/ns/...) are dropped: they mean nothing here;
+    - the network namespace is removed (containers share the VM's network, which is the pod's);
+      namespace paths naming host processes (/proc/<pid>/ns/...) mean nothing here: for the ipc,
+      uts and pid namespaces CRI shares in a pod they name the pod's pause container, whose guest
+      init is `sandbox_init_pid` (when given) and whose namespaces the container joins in the guest
+      instead; other host paths are dropped (the container gets a namespace of its own);
     - hooks are dropped (they name host binaries);
     - AppArmor/SELinux labels are dropped (host policy; the guest kernel does not load it);
     - linux.cgroupsPath is set under the kata-py parent, whatever the host's cgroup driver used;
@@ -59,7 +78,10 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
             continue
         ns = dict(ns)
         if _HOST_NS_PATH.match(ns.get("path", "")):
-            del ns["path"]
+            if sandbox_init_pid and ns.get("type") in POD_SHARED_NAMESPACES:
+                ns["path"] = f"/proc/{sandbox_init_pid}/ns/{ns['type']}"
+            else:
+                del ns["path"]
         namespaces.append(ns)
     if out.get("hostname") and not any(ns.get("type") == "uts" for ns in namespaces):
         # CRI leaves the UTS namespace out for host-network pods but still sets a hostname, which

@@ -164,3 +164,31 @@ def test_exec_with_terminal_and_stdin(agent: AgentProcess, agent_containers) -> 
                           timeout=RPC_TIMEOUT)
     assert b"got-abc" in _read(agent.stub.ReadStdout, cid, "tty")
     assert _wait(agent, cid, "tty") == 0
+
+
+def test_pod_containers_join_the_sandbox_containers_namespaces(agent: AgentProcess, agent_containers) -> None:
+    """CRI gives a pod's containers the pause container's ipc/uts(/pid) namespaces as host paths;
+    in the guest they join the sandbox container's (shareProcessNamespace included)."""
+    from .conftest import agent_oci_spec
+
+    pause = agent_containers("pause1", ["sleep", "1000"])
+    spec = agent_oci_spec(["sh", "-c", "busybox readlink /proc/self/ns/ipc; busybox readlink /proc/self/ns/uts; "
+                                 "ps -o comm | busybox grep -c sleep"])
+    spec["annotations"] = {"io.kubernetes.cri.container-type": "container",
+                           "io.kubernetes.cri.sandbox-id": pause}
+    spec["linux"]["namespaces"] = [{"type": t, "path": f"/proc/4242/ns/{t}"} for t in ("pid", "ipc", "uts")] \
+        + [{"type": "mount"}]
+    agent.stub.CreateContainer(pb.CreateContainerRequest(
+        container_id="app1", oci_spec_json=json.dumps(spec).encode(),
+        rootfs=pb.Storage(driver="bind", source=str(agent.root / "img" / "busybox"),
+                          mount_point=str(agent.root / "containers-rootfs" / "app1"))), timeout=RPC_TIMEOUT)
+    try:
+        agent.stub.StartContainer(pb.ContainerRequest(container_id="app1"), timeout=RPC_TIMEOUT)
+        out = _read(agent.stub.ReadStdout, "app1").decode().split()
+        assert _wait(agent, "app1") == 0
+        pause_pid = agent.stub.ListProcesses(pb.ContainerRequest(container_id=pause), timeout=RPC_TIMEOUT).pids[0]
+        assert out[:2] == [os.readlink(f"/proc/{pause_pid}/ns/ipc"), os.readlink(f"/proc/{pause_pid}/ns/uts")]
+        assert out[2] == "1", "the pause container's sleep is not visible: pid namespace not shared"
+    finally:
+        agent.stub.RemoveContainer(pb.RemoveContainerRequest(container_id="app1", timeout_seconds=10),
+                                   timeout=RPC_TIMEOUT)

@@ -17,7 +17,7 @@ from agent.errors import InvalidArgument
 from agent.oom import OomWatcher
 from agent.paths import resolve_inside, validate_id
 from agent.reaper import Reaper
-from agent.spec import guest_spec
+from agent.spec import guest_spec, pod_sandbox_id
 from agent.stdio import OutputStream
 
 
@@ -93,6 +93,25 @@ def test_guest_spec_rewrite() -> None:
     assert out["linux"]["cgroupsPath"] == "/kata-py/c1"
     assert out["process"] == {"args": ["sh"], "terminal": True}
     assert host["linux"]["namespaces"][1]["path"] == "/proc/42/ns/ipc"  # input untouched
+
+
+def test_pod_namespaces_map_to_the_sandbox_containers_in_the_guest() -> None:
+    host = {"process": {"args": ["sh"]},
+            "annotations": {"io.kubernetes.cri.sandbox-id": "pause1"},
+            "linux": {"namespaces": [{"type": "pid", "path": "/proc/42/ns/pid"},
+                                     {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                                     {"type": "uts", "path": "/proc/42/ns/uts"},
+                                     {"type": "cgroup", "path": "/proc/42/ns/cgroup"},
+                                     {"type": "mount"}, {"type": "network", "path": "/proc/42/ns/net"}]}}
+    assert pod_sandbox_id(host) == "pause1"
+    assert pod_sandbox_id({"annotations": {"io.kubernetes.cri-o.SandboxID": "p2"}}) == "p2"
+    assert pod_sandbox_id({}) == ""
+    joined = guest_spec(host, "c1", "/r", terminal=False, sandbox_init_pid=7)
+    assert joined["linux"]["namespaces"] == [
+        {"type": "pid", "path": "/proc/7/ns/pid"}, {"type": "ipc", "path": "/proc/7/ns/ipc"},
+        {"type": "uts", "path": "/proc/7/ns/uts"}, {"type": "cgroup"}, {"type": "mount"}]
+    alone = guest_spec(host, "c1", "/r", terminal=False)  # no running sandbox container: own namespaces
+    assert all("path" not in ns for ns in alone["linux"]["namespaces"])
 
 
 def test_cmdline() -> None:
