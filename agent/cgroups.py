@@ -1,6 +1,8 @@
-"""Read a container's cgroup v2 files: statistics and the OOM-kill counter. Pure file parsing."""
+"""A container's cgroup v2 files: statistics and the OOM-kill counter (file parsing), and killing
+what is left in one."""
 
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,22 @@ def container_dir(cgroup_root: str, config: dict[str, Any]) -> str:
     """The cgroup directory runc/crun create for `config` (cgroupfs driver: root + cgroupsPath)."""
     rel = config.get("linux", {}).get("cgroupsPath", "")
     return os.path.join(cgroup_root, rel.lstrip("/"))
+
+
+def kill_all(cgroup_dir: str) -> None:
+    """SIGKILL every process left in a container's cgroup (cgroup.kill, else one by one from
+    cgroup.procs). Never raises: a cgroup already gone has nothing left to kill."""
+    try:
+        with open(os.path.join(cgroup_dir, "cgroup.kill"), "w") as f:
+            f.write("1")
+        return
+    except OSError:
+        pass
+    for pid in (_read(os.path.join(cgroup_dir, "cgroup.procs")) or "").split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
 
 def _read(path: str) -> str | None:

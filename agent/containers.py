@@ -124,14 +124,18 @@ class Containers:
             log.debug("timing runtime=%s create=%s took=%.3f", self.runtime.name, container_id,
                       time.monotonic() - t0)
             stdio.spawned(pty)
-            init.follow(self._reaper, read_pid_file(pid_file), since)
+            cgroup = cgroups.container_dir(self._cgroup_root, config)
+            # in a pid namespace it does not own, the init's end does not end the rest (as the runc
+            # shim does for shareProcessNamespace pods): kill them, or they hold its stdio open
+            shared_pid = any(ns.get("type") == "pid" and ns.get("path") for ns in config["linux"]["namespaces"])
+            init.follow(self._reaper, read_pid_file(pid_file), since,
+                        before_exit=(lambda: cgroups.kill_all(cgroup)) if shared_pid else None)
         except BaseException:
             if stdio is not None:
                 stdio.close()
             shutil.rmtree(bundle, ignore_errors=True)
             raise
-        c = Container(container_id, bundle, init, cgroups.container_dir(self._cgroup_root, config),
-                      storages)
+        c = Container(container_id, bundle, init, cgroup, storages)
         with self._lock:
             self._containers[container_id] = c
         return c

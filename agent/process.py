@@ -2,6 +2,7 @@
 
 import os
 import threading
+from collections.abc import Callable
 
 from agent.errors import NotFound
 from agent.reaper import Reaper, exit_code
@@ -17,6 +18,7 @@ class Process:
         self.stdio = stdio
         self.pid = 0
         self.status: int | None = None  # shell-style exit code once exited
+        self._before_exit: Callable[[], None] | None = None
         self._exited = threading.Event()
 
     @property
@@ -24,12 +26,16 @@ class Process:
         what = f"exec {self.exec_id}" if self.exec_id else "init process"
         return f"{what} of container {self.container_id}"
 
-    def follow(self, reaper: Reaper, pid: int, since: int) -> None:
-        """Start tracking `pid` (learned from a pid file written after reaper mark `since`)."""
+    def follow(self, reaper: Reaper, pid: int, since: int, before_exit: Callable[[], None] | None = None) -> None:
+        """Start tracking `pid` (learned from a pid file written after reaper mark `since`).
+        `before_exit` runs (in the reaper's thread: quick, never raising) before the exit is told."""
         self.pid = pid
+        self._before_exit = before_exit
         reaper.on_exit(pid, since, self._on_exit)
 
     def _on_exit(self, raw_status: int) -> None:
+        if self._before_exit is not None:
+            self._before_exit()
         self.status = exit_code(raw_status)
         self._exited.set()
 

@@ -192,3 +192,20 @@ def test_pod_containers_join_the_sandbox_containers_namespaces(agent: AgentProce
     finally:
         agent.stub.RemoveContainer(pb.RemoveContainerRequest(container_id="app1", timeout_seconds=10),
                                    timeout=RPC_TIMEOUT)
+
+    # in the pod's pid namespace, the end of a container's init does not end its other processes by
+    # itself: the agent kills them (as the runc shim does), else they would hold its output open
+    spec["process"]["args"] = ["sh", "-c", "sleep 1000 & echo bye"]
+    agent.stub.CreateContainer(pb.CreateContainerRequest(
+        container_id="app2", oci_spec_json=json.dumps(spec).encode(),
+        rootfs=pb.Storage(driver="bind", source=str(agent.root / "img" / "busybox"),
+                          mount_point=str(agent.root / "containers-rootfs" / "app2"))), timeout=RPC_TIMEOUT)
+    try:
+        agent.stub.StartContainer(pb.ContainerRequest(container_id="app2"), timeout=RPC_TIMEOUT)
+        assert _read(agent.stub.ReadStdout, "app2") == b"bye\n"  # EOF: the background sleep is gone
+        assert _wait(agent, "app2") == 0
+        pids = agent.stub.ListProcesses(pb.ContainerRequest(container_id=pause), timeout=RPC_TIMEOUT).pids
+        assert len(pids) == 1, "only the pause container's own process is left"
+    finally:
+        agent.stub.RemoveContainer(pb.RemoveContainerRequest(container_id="app2", timeout_seconds=10),
+                                   timeout=RPC_TIMEOUT)
