@@ -82,7 +82,7 @@ async def serve(args: ShimArgs, grouping: str, listen_fd: int | None) -> None:
                     await sandbox.stop()
                 stopped.set()
                 await publisher.close(timeout=2)
-            # containerd waits for our connection to close (and then runs `delete`): close it, then
+            # containerd hangs up once Shutdown is answered (then runs `delete`): stop serving, then
             # let a template build we started finish so that the next pod finds a template
             if not hurry.is_set():
                 with trio.move_on_after(1):  # let the Shutdown answer go out: containerd hangs up on it

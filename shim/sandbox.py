@@ -336,7 +336,7 @@ class VmSandbox:
         try:
             with self._background_scope:
                 await trio.to_thread.run_sync(reap_orphan_builds, self.config.runtime.state_dir)
-                timer = PhaseTimer(f"template={key}")
+                timer, began = PhaseTimer(f"template={key}"), time.time()
                 work_dir = build_work_dir(self.config.runtime.state_dir, key)
                 try:
                     built = await ensure_template(store, key, cfg, accel, work_dir=work_dir,
@@ -345,7 +345,7 @@ class VmSandbox:
                 finally:
                     with contextlib.suppress(OSError):
                         work_dir.parent.rmdir()  # <state>/tb/<our pid>, if now empty
-                if built is not None:
+                if built is not None and built.meta.get("created", 0) >= began:  # ours, not found
                     timer.mark("template_build")
                     timer.log(sandbox=self.id)
         except (VmmError, OSError, trio.TooSlowError) as exc:
