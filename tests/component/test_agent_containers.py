@@ -172,40 +172,36 @@ def test_pod_containers_join_the_sandbox_containers_namespaces(agent: AgentProce
     from .conftest import agent_oci_spec
 
     pause = agent_containers("pause1", ["sleep", "1000"])
-    spec = agent_oci_spec(["sh", "-c", "busybox readlink /proc/self/ns/ipc; busybox readlink /proc/self/ns/uts; "
-                                 "ps -o comm | busybox grep -c sleep"])
+    spec = agent_oci_spec([])
     spec["annotations"] = {"io.kubernetes.cri.container-type": "container",
                            "io.kubernetes.cri.sandbox-id": pause}
     spec["linux"]["namespaces"] = [{"type": t, "path": f"/proc/4242/ns/{t}"} for t in ("pid", "ipc", "uts")] \
         + [{"type": "mount"}]
-    agent.stub.CreateContainer(pb.CreateContainerRequest(
-        container_id="app1", oci_spec_json=json.dumps(spec).encode(),
-        rootfs=pb.Storage(driver="bind", source=str(agent.root / "img" / "busybox"),
-                          mount_point=str(agent.root / "containers-rootfs" / "app1"))), timeout=RPC_TIMEOUT)
-    try:
-        agent.stub.StartContainer(pb.ContainerRequest(container_id="app1"), timeout=RPC_TIMEOUT)
-        out = _read(agent.stub.ReadStdout, "app1").decode().split()
-        assert _wait(agent, "app1") == 0
-        pause_pid = agent.stub.ListProcesses(pb.ContainerRequest(container_id=pause), timeout=RPC_TIMEOUT).pids[0]
-        assert out[:2] == [os.readlink(f"/proc/{pause_pid}/ns/ipc"), os.readlink(f"/proc/{pause_pid}/ns/uts")]
-        assert out[2] == "1", "the pause container's sleep is not visible: pid namespace not shared"
-    finally:
-        agent.stub.RemoveContainer(pb.RemoveContainerRequest(container_id="app1", timeout_seconds=10),
-                                   timeout=RPC_TIMEOUT)
+
+    def run_in_pod(cid: str, script: str) -> bytes:
+        """Create and start `cid` running `script` in the pod; return its whole stdout (read to EOF)."""
+        spec["process"]["args"] = ["sh", "-c", script]
+        agent.stub.CreateContainer(pb.CreateContainerRequest(
+            container_id=cid, oci_spec_json=json.dumps(spec).encode(),
+            rootfs=pb.Storage(driver="bind", source=str(agent.root / "img" / "busybox"),
+                              mount_point=str(agent.root / "containers-rootfs" / cid))), timeout=RPC_TIMEOUT)
+        try:
+            agent.stub.StartContainer(pb.ContainerRequest(container_id=cid), timeout=RPC_TIMEOUT)
+            out = _read(agent.stub.ReadStdout, cid)
+            assert _wait(agent, cid) == 0
+            return out
+        finally:
+            agent.stub.RemoveContainer(pb.RemoveContainerRequest(container_id=cid, timeout_seconds=10),
+                                       timeout=RPC_TIMEOUT)
+
+    out = run_in_pod("app1", "busybox readlink /proc/self/ns/ipc; busybox readlink /proc/self/ns/uts; "
+                             "ps -o comm | busybox grep -c sleep").decode().split()
+    pause_pid = agent.stub.ListProcesses(pb.ContainerRequest(container_id=pause), timeout=RPC_TIMEOUT).pids[0]
+    assert out[:2] == [os.readlink(f"/proc/{pause_pid}/ns/ipc"), os.readlink(f"/proc/{pause_pid}/ns/uts")]
+    assert out[2] == "1", "the pause container's sleep is not visible: pid namespace not shared"
 
     # in the pod's pid namespace, the end of a container's init does not end its other processes by
     # itself: the agent kills them (as the runc shim does), else they would hold its output open
-    spec["process"]["args"] = ["sh", "-c", "sleep 1000 & echo bye"]
-    agent.stub.CreateContainer(pb.CreateContainerRequest(
-        container_id="app2", oci_spec_json=json.dumps(spec).encode(),
-        rootfs=pb.Storage(driver="bind", source=str(agent.root / "img" / "busybox"),
-                          mount_point=str(agent.root / "containers-rootfs" / "app2"))), timeout=RPC_TIMEOUT)
-    try:
-        agent.stub.StartContainer(pb.ContainerRequest(container_id="app2"), timeout=RPC_TIMEOUT)
-        assert _read(agent.stub.ReadStdout, "app2") == b"bye\n"  # EOF: the background sleep is gone
-        assert _wait(agent, "app2") == 0
-        pids = agent.stub.ListProcesses(pb.ContainerRequest(container_id=pause), timeout=RPC_TIMEOUT).pids
-        assert len(pids) == 1, "only the pause container's own process is left"
-    finally:
-        agent.stub.RemoveContainer(pb.RemoveContainerRequest(container_id="app2", timeout_seconds=10),
-                                   timeout=RPC_TIMEOUT)
+    assert run_in_pod("app2", "sleep 1000 & echo bye") == b"bye\n"  # EOF: the background sleep is gone
+    pids = agent.stub.ListProcesses(pb.ContainerRequest(container_id=pause), timeout=RPC_TIMEOUT).pids
+    assert len(pids) == 1, "only the pause container's own process is left"
