@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+import grpc
+
 from agent import cgroups
 from agent.containers import Containers
 from agent.oci_runtime import OciRuntime, find_runtime
@@ -15,6 +17,7 @@ from agent.reaper import Reaper
 from agent.sandbox import Sandbox
 from agent.server import AgentServicer, serve
 from agent.spec import CGROUP_PARENT
+from protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 _SHUTDOWN_TIMEOUT = 10.0
 
@@ -58,9 +61,6 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - only an optimisation: a real create will say what is wrong
             log.warning("warm-up: %s --version failed: %s", self.runtime.name, e)
         try:
-            import grpc
-
-            from protos.agent.v1 import agent_pb2, agent_pb2_grpc
             with grpc.insecure_channel(self.address) as channel:
                 agent_pb2_grpc.AgentStub(channel).Check(agent_pb2.CheckRequest(), timeout=10)
         except Exception as e:  # noqa: BLE001 - as above

@@ -5,7 +5,6 @@ ready VMs."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -69,9 +68,9 @@ def cmd_template_build(config: Config) -> int:
     build another process has under way; a valid template is kept as it is."""
     import trio  # the VMM path: only for this command
 
-    from .factory.builds import build_work_dir
+    from .factory.builds import build_dir
     from .factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
-    from .factory.template import ensure_template, template_meta
+    from .factory.template import ensure_template
     from .sandbox import VmSandbox
 
     async def build() -> int:
@@ -82,13 +81,9 @@ def cmd_template_build(config: Config) -> int:
         store = _store(config)
         existed = store.lookup(key) is not None
         t0 = time.monotonic()
-        work_dir = build_work_dir(config.runtime.state_dir, key)
-        try:
+        with build_dir(config.runtime.state_dir, key) as work_dir:
             await ensure_template(store, key, cfg, accel, work_dir=work_dir, timeout=config.agent.dial_timeout_s,
-                                  meta=template_meta(cfg, accel, guest_image_hash(cfg)), wait=True)
-        finally:
-            with contextlib.suppress(OSError):
-                work_dir.parent.rmdir()
+                                  wait=True)
         how = "present" if existed else f"built in {time.monotonic() - t0:.1f} s"
         print(f"template {key} ({accel.name}, {cfg.memory_mib} MiB): {how}, in {store.root}")
         return 0

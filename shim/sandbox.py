@@ -55,12 +55,12 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
-from .factory.builds import build_work_dir, reap_orphan_builds
+from .factory.builds import build_dir, reap_orphan_builds
 from .factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .factory.protocol import PoolError
 from .factory.protocol import request as pool_request
 from .factory.store import TemplateStore
-from .factory.template import ensure_template, restore_clone, template_meta
+from .factory.template import ensure_template, restore_clone
 from .hooks import Hook, oci_state, parse_hooks, run_hooks
 from .manager import sandbox_state_dir
 from .network.spec import netns_path
@@ -337,14 +337,9 @@ class VmSandbox:
             with self._background_scope:
                 await trio.to_thread.run_sync(reap_orphan_builds, self.config.runtime.state_dir)
                 timer, began = PhaseTimer(f"template={key}"), time.time()
-                work_dir = build_work_dir(self.config.runtime.state_dir, key)
-                try:
+                with build_dir(self.config.runtime.state_dir, key) as work_dir:
                     built = await ensure_template(store, key, cfg, accel, work_dir=work_dir,
-                                                  timeout=self.config.agent.dial_timeout_s,
-                                                  meta=template_meta(cfg, accel, guest_image_hash(cfg)), wait=False)
-                finally:
-                    with contextlib.suppress(OSError):
-                        work_dir.parent.rmdir()  # <state>/tb/<our pid>, if now empty
+                                                  timeout=self.config.agent.dial_timeout_s, wait=False)
                 if built is not None and built.meta.get("created", 0) >= began:  # ours, not found
                     timer.mark("template_build")
                     timer.log(sandbox=self.id)

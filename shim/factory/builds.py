@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 BUILDS_DIR = "tb"  # under the runtime's state dir: tb/<pid of the builder>/<key prefix> (short: socket paths)
@@ -15,6 +17,18 @@ def build_work_dir(state_root: str | Path, key: str) -> Path:
     """Where this process boots the template VM for `key` (sockets, console): named by our pid, so
     that reap_orphan_builds can tell a live builder's VM from one a killed shim left behind."""
     return Path(state_root) / BUILDS_DIR / str(os.getpid()) / key[:8]
+
+
+@contextlib.contextmanager
+def build_dir(state_root: str | Path, key: str) -> Iterator[Path]:
+    """build_work_dir for the duration of a build; then our pid's directory goes too, if empty (the
+    build removes its own work dir)."""
+    work_dir = build_work_dir(state_root, key)
+    try:
+        yield work_dir
+    finally:
+        with contextlib.suppress(OSError):
+            work_dir.parent.rmdir()
 
 
 def reap_orphan_builds(state_root: str | Path) -> list[int]:

@@ -35,7 +35,7 @@ from ..errors import ShimError
 from .key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .protocol import PoolError, receive, send
 from .store import MIB, Template, TemplateStore
-from .template import ensure_template, restore_clone, template_meta
+from .template import ensure_template, restore_clone
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ class Pool:
     async def _template(self, work_dir: Path, cfg: VmConfig) -> Template:
         assert self.accel is not None
         template = await ensure_template(self.store, self.key, cfg, self.accel, work_dir=work_dir,
-                                         timeout=self.config.agent.dial_timeout_s,
-                                         meta=template_meta(cfg, self.accel, guest_image_hash(cfg)), wait=True)
+                                         timeout=self.config.agent.dial_timeout_s, wait=True)
         assert template is not None  # wait=True
         return template
 

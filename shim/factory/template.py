@@ -27,6 +27,7 @@ from vmm.errors import VmNotRunning
 from vmm.hypervisor import ExitCallback
 from vmm.qemu import QemuHypervisor
 
+from .key import guest_image_hash
 from .store import RAM_FILE, STATE_FILE, Template, TemplateStore
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,14 @@ async def build_template(store: TemplateStore, key: str, cfg: VmConfig, accel: A
     return template
 
 
-def template_meta(cfg: VmConfig, accel: AccelChoice, guest_hash: str) -> dict[str, Any]:
+def _meta(cfg: VmConfig, accel: AccelChoice) -> dict[str, Any]:
     """What `kata-py template list` shows about a template, stored in its metadata."""
-    return {"guest": guest_hash, "accel": accel.name, "memory_mib": cfg.memory_mib, "max_vcpus": cfg.max_vcpus}
+    return {"guest": guest_image_hash(cfg), "accel": accel.name, "memory_mib": cfg.memory_mib,
+            "max_vcpus": cfg.max_vcpus}
 
 
 async def ensure_template(store: TemplateStore, key: str, cfg: VmConfig, accel: AccelChoice, *,
-                          work_dir: Path, timeout: float, meta: dict[str, Any], wait: bool) -> Template | None:
+                          work_dir: Path, timeout: float, wait: bool) -> Template | None:
     """The template for `key`, built first if there is none (store.lookup rejects stale, truncated
     or mismatched ones). While another process builds it: wait for that build (`wait`) or return
     None. Raises what build_template raises."""
@@ -104,7 +106,7 @@ async def ensure_template(store: TemplateStore, key: str, cfg: VmConfig, accel: 
                 if template is None:
                     store.remove_stale_builds()
                     template = await build_template(store, key, cfg, accel, work_dir=work_dir, timeout=timeout,
-                                                    extra=meta)
+                                                    extra=_meta(cfg, accel))
                 return template
         if not wait:
             return None
