@@ -120,7 +120,30 @@ class OciRuntime:
         return self._run("--version").decode(errors="replace").strip()
 
     def start(self, container_id: str) -> None:
+        if self.name == "crun" and self._release_crun_init(container_id):
+            return
         self._run("start", container_id)
+
+    def _release_crun_init(self, container_id: str) -> bool:
+        """What `crun start` does for a container without poststart hooks (the guest spec never
+        has hooks: agent/spec.py drops them): open the exec fifo its init is blocked reading,
+        unlink it (crun reports "created" while it exists), write one byte. Saves exec'ing crun,
+        ~0.2 s under TCG. False when the fifo is not there or has no reader (init gone): then
+        `crun start` runs and reports the state in its own words."""
+        fifo = os.path.join(self.state_root, container_id, "exec.fifo")
+        try:
+            # O_NONBLOCK: ENXIO rather than blocking forever when no init holds the read end
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            os.unlink(fifo)
+            os.write(fd, b"\0")
+        except OSError as e:
+            raise Internal(f"{self.name} start {container_id}: exec fifo: {e}") from e
+        finally:
+            os.close(fd)
+        return True
 
     def kill(self, container_id: str, signal: int, all_processes: bool = False) -> None:
         self._run("kill", *(["--all"] if all_processes else []), container_id, str(signal))
