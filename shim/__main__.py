@@ -27,7 +27,12 @@ def parse_args(argv: list[str]) -> tuple[ShimArgs, str, str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, action, grouping, version = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["-spare"] and len(argv) >= 2:  # `kata-py pool` starts spares: shim/spare.py
+        from .spare import run_spare
+
+        return run_spare(argv[1])
+    args, action, grouping, version = parse_args(argv)
     if version:
         print(f"containerd-shim-kata-py-v2 version {VERSION}")
         return 0

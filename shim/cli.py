@@ -98,7 +98,7 @@ def cmd_template_build(config: Config) -> int:
 def cmd_pool(config: Config, args: argparse.Namespace) -> int:
     from .factory.pool import run_pool  # imports trio and the VMM: only for this command
 
-    return run_pool(config, socket_path=args.socket, size=args.size)
+    return run_pool(config, socket_path=args.socket, size=args.size, shims=args.shims)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = sub.add_parser("pool", help="serve a warm pool of restored VMs to shims")
     pool.add_argument("--socket", help="unix socket to listen on (default: [factory] pool_socket)")
     pool.add_argument("--size", type=int, help="VMs to keep ready (default: [factory] pool_size)")
+    pool.add_argument("--shims", type=int, help="spare shim daemons to keep ready (default: [factory] pool_shims)")
     pool.set_defaults(fn=cmd_pool)
     args = p.parse_args(argv)
     try:

@@ -63,6 +63,7 @@ class FactoryConfig:
     template_cache_max_mb: int = 4096  # disk use (allocated blocks) of all templates; oldest go first
     pool_socket: str = ""  # a `kata-py pool` service to ask for a ready VM first; "" = no pool
     pool_size: int = 2  # VMs `kata-py pool` keeps ready
+    pool_shims: int = 1  # spare shim daemons `kata-py pool` keeps ready (shim/spare.py); 0 = none
 
     def template_path(self) -> Path:
         return Path(self.template_dir or os.environ.get("KATA_PY_TEMPLATE_DIR", DEFAULT_TEMPLATE_DIR))
@@ -125,8 +126,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise InvalidArgument("config [hypervisor]: need 1 <= default_vcpus <= max_vcpus")
     if not 128 <= h.default_memory_mib <= h.max_memory_mib:
         raise InvalidArgument("config [hypervisor]: need 128 <= default_memory_mib <= max_memory_mib")
-    if cfg.factory.template_cache_max_mb < 0 or cfg.factory.pool_size < 0:
-        raise InvalidArgument("config [factory]: template_cache_max_mb and pool_size must be >= 0")
+    if min(cfg.factory.template_cache_max_mb, cfg.factory.pool_size, cfg.factory.pool_shims) < 0:
+        raise InvalidArgument("config [factory]: template_cache_max_mb, pool_size and pool_shims must be >= 0")
     return cfg
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ttrpc.sockets import bind_unix_socket
 
-from . import mounts, oci, wire
+from . import mounts, oci, spare, wire
 from .config import load_config
 from .factory.builds import reap_orphan_builds
 from .timing import START_CMD_ENV, process_age_s
@@ -96,18 +96,19 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         os.unlink(path)  # stale socket of a dead shim
         listener = bind_unix_socket(path)
     try:
-        argv = [sys.executable, "-m", "shim", "-namespace", args.namespace, "-id", args.id,
-                "-address", args.address, "-publish-binary", args.publish_binary,
-                "-socket-dir", args.socket_dir, "-grouping", grouping]
+        argv = ["-namespace", args.namespace, "-id", args.id, "-address", args.address,
+                "-publish-binary", args.publish_binary, "-socket-dir", args.socket_dir, "-grouping", grouping]
         if config_path:
             argv += ["-config", config_path]
         if args.debug:
             argv.append("-debug")
-        with open(os.devnull, "r+b") as devnull:
-            subprocess.Popen(argv, cwd=bundle, stdin=devnull, stdout=devnull, stderr=devnull,
-                             pass_fds=(listener.fileno(),), start_new_session=True,
-                             env={**os.environ, "KATA_PY_LISTEN_FD": str(listener.fileno()),
-                                  START_CMD_ENV: f"{process_age_s():.3f}"})
+        if not _hand_to_spare(argv, bundle, listener.fileno(), config_path):
+            with open(os.devnull, "r+b") as devnull:
+                subprocess.Popen([sys.executable, "-m", "shim", *argv], cwd=bundle, stdin=devnull,
+                                 stdout=devnull, stderr=devnull, pass_fds=(listener.fileno(),),
+                                 start_new_session=True,
+                                 env={**os.environ, "KATA_PY_LISTEN_FD": str(listener.fileno()),
+                                      START_CMD_ENV: f"{process_age_s():.3f}"})
         write_address(bundle, address)
     except BaseException:
         os.unlink(path)
@@ -115,6 +116,26 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     finally:
         listener.close()
     return address
+
+
+def _hand_to_spare(argv: list[str], bundle: str, listen_fd: int, config_path: str) -> bool:
+    """Give the pod to a spare daemon of the `kata-py pool` service, if the configuration names one
+    and it has a spare ready (shim/spare.py); False: spawn the daemon. Never raises: whatever goes
+    wrong here only costs the spawn."""
+    try:
+        pool_socket = load_config(config_path or None).factory.pool_socket
+    except Exception:  # noqa: BLE001 (a bad config is the daemon's to report, in containerd's log)
+        return False
+    if not pool_socket:
+        return False
+    try:
+        spare_socket = spare.take_spare(pool_socket)
+        spare.hand_off(spare_socket, argv, bundle, {**os.environ, START_CMD_ENV: f"{process_age_s():.3f}"},
+                       listen_fd)
+        return True
+    except (OSError, spare.HandOffError):
+        # not a word on stdout/stderr: containerd takes start's whole output for the address
+        return False
 
 
 def sandbox_state_dir(state_root: str, sandbox_id: str) -> Path:

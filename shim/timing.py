@@ -20,6 +20,8 @@ log = logging.getLogger("shim.timing")
 
 # exported by `start` to the daemon it spawns: how long `start` had run by then
 START_CMD_ENV = "KATA_PY_START_CMD_S"
+# set by a spare daemon when it got its pod (CLOCK_BOOTTIME): shim/spare.py
+ASSIGNED_ENV = "KATA_PY_ASSIGNED_AT"
 
 
 class PhaseTimer:
@@ -96,6 +98,11 @@ def process_age_s(pid: int | str = "self") -> float:
 def log_shim_start(sandbox_id: str) -> None:
     """The daemon serves: say how long `start` and the daemon's own start-up took."""
     start_cmd = os.environ.pop(START_CMD_ENV, "")
+    assigned = os.environ.pop(ASSIGNED_ENV, "")  # a spare daemon (shim/spare.py): its start-up began then
+    try:
+        init = time.clock_gettime(time.CLOCK_BOOTTIME) - float(assigned) if assigned else process_age_s()
+    except ValueError:
+        init = 0.0
     fields = f"pid={os.getpid()} " + (f"start_cmd={start_cmd} " if start_cmd else "") + \
-        f"daemon_init={process_age_s():.3f}"
+        f"daemon_init={init:.3f}" + (" spare=1" if assigned else "")
     log.info("timing shim=%s %s", sandbox_id, fields)

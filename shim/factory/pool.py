@@ -1,5 +1,5 @@
 """`kata-py pool`: keep N VMs restored from the template and agent-ready, hand one to each shim that
-asks, refill in the background.
+asks, refill in the background; also keep spare shim daemons for `start` (spares.py).
 
 A pool VM lives in `<runtime state_dir>/pool/vms/<id>/` (same filesystem as the sandboxes, so its
 files can be renamed into a sandbox's state dir). The pool never dials a VM's agent (the serial
@@ -34,6 +34,7 @@ from ..config import Config
 from ..errors import ShimError
 from .key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .protocol import PoolError, receive, send
+from .spares import SpareShims
 from .store import MIB, Template, TemplateStore
 from .template import ensure_template, restore_clone
 
@@ -52,10 +53,12 @@ def default_socket(config: Config) -> Path:
 class Pool:
     """Ready VMs of one shape (the runtime config's default sandbox) and the service that hands them out."""
 
-    def __init__(self, config: Config, socket_path: Path, size: int) -> None:
+    def __init__(self, config: Config, socket_path: Path, size: int, shims: int | None = None) -> None:
         self.config = config
         self.socket_path = socket_path
         self.size = size
+        self.spares = SpareShims(socket_path.parent / "spares",
+                                 config.factory.pool_shims if shims is None else shims)
         self.root = Path(config.runtime.state_dir) / "pool" / "vms"
         self.sandboxes = Path(config.runtime.state_dir) / "sandboxes"
         f = config.factory
@@ -83,16 +86,19 @@ class Pool:
         OSError from the first template build.
         """
         self.accel = detect_accel(self.config.hypervisor.accel)  # type: ignore[arg-type]
-        self.key = self._current_key()
+        if self.size:  # a pool of spare shims only needs no guest
+            self.key = self._current_key()
         self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.socket_path.parent.chmod(0o700)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         listener = _listen(self.socket_path)
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.spares.run)
                 await nursery.start(self._fill, nursery)
                 nursery.start_soon(trio.serve_listeners, self._handle, [listener])
-                log.info("pool: %d VM(s) of template %s ready at %s", len(self.ready), self.key, self.socket_path)
+                log.info("pool: %d VM(s) of template %s and %d spare shim(s) ready at %s", len(self.ready),
+                         self.key, len(self.spares.ready), self.socket_path)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -131,6 +137,9 @@ class Pool:
 
     async def _fill(self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
         """Keep `size` VMs ready; the first fill completes before the pool reports itself started."""
+        if not self.size:
+            task_status.started()
+            return
         started = False
         while True:
             while len(self.ready) < self.size:
@@ -170,7 +179,11 @@ class Pool:
     async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "status":
-            return {"ok": True, "size": self.size, "ready": {self.key: len(self.ready)}}
+            return {"ok": True, "size": self.size, "ready": {self.key: len(self.ready)},
+                    "shims": len(self.spares.ready)}
+        if op == "spare":
+            spare = self.spares.take()
+            return {"ok": True, "socket": spare} if spare else {"ok": False, "reason": "no spare shim ready"}
         if op != "take":
             return {"ok": False, "reason": f"unknown op {op!r}"}
         if request.get("key") != self.key:
@@ -230,11 +243,12 @@ def _listen(path: Path) -> trio.SocketListener:
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-def run_pool(config: Config, socket_path: str | None = None, size: int | None = None) -> int:
+def run_pool(config: Config, socket_path: str | None = None, size: int | None = None,
+             shims: int | None = None) -> int:
     """Run the pool until SIGTERM/SIGINT. Returns an exit status."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     path = Path(socket_path or config.factory.pool_socket or default_socket(config))
-    pool = Pool(config, path, config.factory.pool_size if size is None else size)
+    pool = Pool(config, path, config.factory.pool_size if size is None else size, shims)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -3,7 +3,8 @@
 Request `{"op": "take", "key": <template key>, "state_dir": <the sandbox's state dir>}`; reply
 `{"ok": true, "pid": <QEMU pid>}` once the VM's files (qmp.sock, agent.sock, console.log, qemu.pid,
 shared/) have been moved into state_dir and the pool has let go of it, or `{"ok": false, "reason": ...}`.
-`{"op": "status"}` answers `{"ok": true, "ready": {key: count}, "size": N}`.
+`{"op": "spare"}` answers `{"ok": true, "socket": <a spare shim daemon's socket>}` (shim/spare.py).
+`{"op": "status"}` answers `{"ok": true, "ready": {key: count}, "size": N, "shims": <spares ready>}`.
 """
 
 from __future__ import annotations
