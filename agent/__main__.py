@@ -83,6 +83,7 @@ def main(argv: list[str]) -> int:
     agent.start()
     if guest_mode:
         agent.warm_up()
+        agent.warm_up_clones()
     print("KATA_PY_AGENT_READY", flush=True)
     agent.run_until_signalled()
     if pid1:
