@@ -83,7 +83,9 @@ def main(argv: list[str]) -> int:
     agent.start()
     if guest_mode:
         agent.warm_up()
-        agent.warm_up_clones()
+        from agent.channel import HOST_CONNECTED
+
+        agent.warm_up_clones(HOST_CONNECTED)
     print("KATA_PY_AGENT_READY", flush=True)
     agent.run_until_signalled()
     if pid1:

@@ -102,41 +102,51 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - as above
             log.warning("warm-up: health check: %s", e)
 
-    def warm_up_clones(self) -> None:
-        """Have every clone of this guest warm itself up once restored, while it waits to be used.
+    def warm_up_clones(self, host_connected: threading.Event) -> None:
+        """Have every clone of this guest that waits unused warm itself up once restored.
 
         A restored QEMU starts with an empty TCG translation cache: every guest code path a clone
         runs for the first time is translated first, which is most of why its first requests are
-        slow (first health check ~0.4 s, then ~0.06 s; crun create ~0.6 s). A thread armed now, just
-        before the template is saved, fires CLONE_WARM_UP_DELAY_S of guest time later — in each
-        clone, after its restore (guest time stands still in a saved template) — and runs the
-        health check and a throwaway container at SCHED_IDLE: a pool VM does it while it waits to
-        be handed out; a clone in use only gives it the moments its vCPU would idle."""
-        threading.Thread(target=self._warm_up_clone, name="clone-warm-up", daemon=True).start()
+        slow (first health check ~0.4 s, then ~0.07 s; crun create ~0.6 s, then ~0.3 s). A thread
+        armed now, just before the template is saved, wakes CLONE_WARM_UP_DELAY_S of guest time
+        later — in each clone, after its restore (guest time stands still in a saved template). If
+        the host has not reached the agent by then, the clone is waiting in a pool: it runs the
+        health check and a throwaway container at SCHED_IDLE, so that it is hot when handed out. A
+        clone in use (template restore, cold boot) skips it: it would only cost memory there."""
 
-    def _warm_up_clone(self) -> None:
+        def later() -> None:
+            time.sleep(CLONE_WARM_UP_DELAY_S)
+            if not host_connected.is_set():
+                self.run_clone_warm_up()
+
+        threading.Thread(target=later, name="clone-warm-up", daemon=True).start()
+
+    def run_clone_warm_up(self) -> int | None:
+        """The warm-up itself; returns the throwaway container's exit status, None if it failed
+        (logged)."""
         log = logging.getLogger("agent")
-        time.sleep(CLONE_WARM_UP_DELAY_S)
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread and its children
         except OSError as e:
             log.debug("clone warm-up: SCHED_IDLE: %s", e)
         t0 = time.monotonic()
         self.warm_up()
+        status = None
         try:
             rootfs = warm_up_rootfs(self.root)
             self.containers.create(WARM_UP_ID, warm_up_spec(), rootfs, terminal=False, want_stdin=False,
                                    storages=[])
             try:
                 self.containers.start(WARM_UP_ID)
-                self.containers.wait(WARM_UP_ID, "")
+                status = self.containers.wait(WARM_UP_ID, "")
             finally:
                 self.containers.remove(WARM_UP_ID, 10.0)
         except Exception as e:  # noqa: BLE001 - only an optimisation
             log.warning("clone warm-up: container: %s", e)
         finally:
             shutil.rmtree(os.path.join(self.root, "warm-up-rootfs"), ignore_errors=True)
-        log.debug("timing clone_warm_up=%.3f", time.monotonic() - t0)
+        log.debug("timing clone_warm_up=%.3f status=%s", time.monotonic() - t0, status)
+        return status
 
     def run_until_signalled(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,6 +19,9 @@ import time
 _CHUNK = 64 * 1024
 _HUP_SLEEP = 0.05  # POLLHUP is level-triggered while no host is connected: sleep, don't spin
 _CONNECT_TIMEOUT = 60.0  # the first host bytes may arrive before the gRPC server is listening
+# set once the host first reached the agent (its first bytes, or its first vsock connection): a
+# clone nobody has used yet warms itself up (agent/app.py)
+HOST_CONNECTED = threading.Event()
 
 
 def find_serial_port(name: str, sys_root: str = "/sys/class/virtio-ports", dev_root: str = "/dev",
@@ -108,6 +111,7 @@ class SerialBridge:
                     time.sleep(_HUP_SLEEP)
                     return
                 if self._conn is None:
+                    HOST_CONNECTED.set()
                     self._conn = connect_local(self.local_path)
                 self._conn.sendall(data)
             elif conn is not None and conn is self._conn:
@@ -158,6 +162,7 @@ def serve_vsock(port: int, local_path: str) -> threading.Thread:
     def accept_loop() -> None:
         while True:
             conn, _ = listener.accept()
+            HOST_CONNECTED.set()
             threading.Thread(target=_splice, args=(conn, local_path), daemon=True).start()
 
     t = threading.Thread(target=_logged(accept_loop), name="vsock-bridge", daemon=True)
