@@ -28,22 +28,34 @@ WARM_UP_ID = "kata-py-warm-up"
 
 
 def warm_up_spec() -> dict[str, Any]:
-    """A container like a pod's (own pid/ipc/uts/mount namespaces, proc, dev, devpts, a bind mount,
-    a cgroup) running the guest's own `true`, its /usr bound read-only into a tmpfs root."""
+    """A container like the ones containerd's default spec makes (own pid/ipc/uts/mount namespaces;
+    proc, dev, devpts, shm, mqueue, sysfs; masked and read-only paths; capabilities; a cgroup)
+    running the guest's own `true`, its /usr bound read-only into a tmpfs root."""
+    caps = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
+            "CAP_NET_BIND_SERVICE"]
     return {
         "ociVersion": "1.0.2",
         "process": {"user": {"uid": 0, "gid": 0}, "args": ["/usr/bin/true"], "env": ["PATH=/usr/bin"],
-                    "cwd": "/", "noNewPrivileges": True},
+                    "cwd": "/", "noNewPrivileges": True,
+                    "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+                    "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}]},
         "root": {"path": "", "readonly": False},
         "hostname": WARM_UP_ID,
         "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
             {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
             {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
         ],
-        "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")]},
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+                  "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+                  "readonlyPaths": ["/proc/bus", "/proc/sys", "/proc/sysrq-trigger"]},
     }
 
 
