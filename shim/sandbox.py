@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -102,6 +102,25 @@ async def agent_errors() -> AsyncIterator[None]:
     except AgentError as exc:
         shim_class = next((s for a, s in _AGENT_TO_SHIM if isinstance(exc, a)), Internal)
         raise shim_class(f"agent: {exc}") from exc
+
+
+async def _all_of(*calls: Callable[[], Awaitable[object]]) -> None:
+    """Run `calls` concurrently; once all ended, raise the first error (the others are logged)."""
+    errors: list[BaseException] = []
+
+    async def run(call: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await call()
+        except (AgentError, ShimError) as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for call in calls:
+            nursery.start_soon(run, call)
+    for extra in errors[1:]:
+        log.warning("also failed: %s", extra)
+    if errors:
+        raise errors[0]
 
 
 class Sandbox(Protocol):
@@ -450,13 +469,18 @@ class VmSandbox:
         """Make the guest this pod's own: clock, entropy, identity, shared directory."""
         assert self._agent is not None
         hostname = sandbox_spec.get("hostname") or self.id[:12]
+        agent = self._agent
+        seed = os.urandom(256)
+        storages = [Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)]
         async with agent_errors():
-            # a booted or restored guest has a stale clock and (for clones) the template's RNG state
-            await self._agent.set_guest_datetime(time.time())
-            await self._agent.reseed_random(os.urandom(256))
-            await self._agent.create_sandbox(
-                hostname=hostname, dns=(), sandbox_id=self.id, machine_id=uuid.uuid4().hex,
-                storages=[Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)])
+            # a booted or restored guest has a stale clock and (for clones) the template's RNG state.
+            # The three are independent and nothing runs in the guest before all are done: sent at
+            # once, they cost one round trip to the guest instead of three (~0.06 s each under TCG)
+            await _all_of(
+                lambda: agent.set_guest_datetime(time.time()),
+                lambda: agent.reseed_random(seed),
+                lambda: agent.create_sandbox(hostname=hostname, dns=(), sandbox_id=self.id,
+                                             machine_id=uuid.uuid4().hex, storages=storages))
         timer.mark("sandbox_create")
 
     async def _run_hooks(self, spec: dict[str, Any], bundle: str, phases: Iterable[str], status: str) -> None:
