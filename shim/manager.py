@@ -169,8 +169,11 @@ def delete(args: ShimArgs) -> bytes:
             pass
         if grouping == args.id or oci.pod_role(args.id, annotations).is_sandbox:
             config = load_config(args.config_path or None)
-            cleanup_sandbox(config.runtime.state_dir, grouping)
-            cleanup_host_cgroups(bundle, grouping, config.runtime.sandbox_cgroup_only)
+            # a shim that stopped its sandbox removed the state dir last (after the VM and the host
+            # cgroups): then there is nothing left to clean, and containerd waits for us on every pod
+            if sandbox_state_dir(config.runtime.state_dir, grouping).exists():
+                cleanup_sandbox(config.runtime.state_dir, grouping)
+                cleanup_host_cgroups(bundle, grouping, config.runtime.sandbox_cgroup_only)
             reap_orphan_builds(config.runtime.state_dir)  # a killed shim's template build
     return wire.encode_delete_response(exit_status=128 + signal.SIGKILL)
 

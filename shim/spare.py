@@ -22,7 +22,6 @@ This module is imported by `start` (the client side): stdlib only at the top.
 from __future__ import annotations
 
 import array
-import ctypes
 import json
 import os
 import socket
@@ -268,6 +267,8 @@ def set_cmdline(args: list[str]) -> None:
     size = end - start
     if size <= 1:
         return
+    import ctypes  # only a spare needs it; `start` imports this module too
+
     new = b"\0".join(os.fsencode(a) for a in args)[: size - 1]
     ctypes.memmove(start, new.ljust(size, b"\0"), size)
 
