@@ -1,6 +1,7 @@
 """Wire the agent together (reaper, runtime, containers, sandbox, OOM watcher, gRPC server) and run it
 until SIGTERM/SIGINT, then tear everything down."""
 
+import glob
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from agent import cgroups
+from agent import cgroups, mounts
 from agent.containers import Containers
 from agent.oci_runtime import OciRuntime, find_runtime
 from agent.oom import OomWatcher
@@ -25,6 +26,7 @@ from protos.agent.v1 import agent_pb2, agent_pb2_grpc
 _SHUTDOWN_TIMEOUT = 10.0
 CLONE_WARM_UP_DELAY_S = 2.0  # guest time after READY; the template is saved ~0.4 s after it
 WARM_UP_ID = "kata-py-warm-up"
+NINEP_TAGS = "/sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag"
 
 
 def warm_up_spec() -> dict[str, Any]:
@@ -143,6 +145,7 @@ class Agent:
             log.debug("clone warm-up: SCHED_IDLE: %s", e)
         t0 = time.monotonic()
         self.warm_up()
+        self._warm_up_9p(log)
         status = None
         try:
             rootfs = warm_up_rootfs(self.root)
@@ -159,6 +162,29 @@ class Agent:
             shutil.rmtree(os.path.join(self.root, "warm-up-rootfs"), ignore_errors=True)
         log.debug("timing clone_warm_up=%.3f status=%s", time.monotonic() - t0, status)
         return status
+
+    def _warm_up_9p(self, log: logging.Logger) -> None:
+        """Mount each virtio-9p share read-only for a moment and list it: the pod's CreateSandbox
+        mounts one and its containers' root filesystems come over it. (The pool VM's share is its
+        own empty directory on the host.)"""
+        for tag_file in glob.glob(NINEP_TAGS):
+            target = os.path.join(self.root, "warm-up-9p")
+            try:
+                with open(tag_file) as f:
+                    tag = f.read().strip("\0\n ")
+                os.makedirs(target, exist_ok=True)
+                mounts.mount(tag, target, "9p", mounts.MS_RDONLY, "trans=virtio,version=9p2000.L")
+                try:
+                    os.listdir(target)
+                finally:
+                    mounts.umount(target)
+            except OSError as e:
+                log.debug("clone warm-up: 9p %s: %s", tag_file, e)
+            finally:
+                try:
+                    os.rmdir(target)
+                except OSError:
+                    pass
 
     def run_until_signalled(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
