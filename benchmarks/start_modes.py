@@ -6,7 +6,8 @@ by side in one run, with the per-phase breakdown and host memory per idle pod (i
 One private containerd (tests/support/containerd.py); kata-py's mode is switched between runs by
 rewriting its config file (every shim reads it at start): cold = `[factory] template = false`;
 template = a template cache in the run's temp dir, built by an uncounted warm-up run; pool = a
-`kata-py pool` service started by this script. Runs are interleaved so load hits every mode alike.
+`kata-py pool` service started by this script (ready VMs, warmed up while they wait, and one spare
+shim daemon for `start` to hand the pod to). Runs are interleaved so load hits every mode alike.
 Memory: --pods `ctr run -d ... sleep 120` pods started from the template, then PSS of each pod's
 shim + QEMU (/proc/<pid>/smaps_rollup). Takes /tmp/kata-py-vm.lock itself.
 """

@@ -107,7 +107,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
                 subprocess.Popen([sys.executable, "-m", "shim", *argv], cwd=bundle, stdin=devnull,
                                  stdout=devnull, stderr=devnull, pass_fds=(listener.fileno(),),
                                  start_new_session=True,
-                                 env={**os.environ, "KATA_PY_LISTEN_FD": str(listener.fileno()),
+                                 env={**os.environ, spare.LISTEN_FD_ENV: str(listener.fileno()),
                                       START_CMD_ENV: f"{process_age_s():.3f}"})
         write_address(bundle, address)
     except BaseException:
