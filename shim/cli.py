@@ -1,6 +1,6 @@
 """`kata-py`: the operator's command. `env` shows the effective configuration, the accelerator
 choice and the guest image; `template list|build|clear` manages the template cache; `pool` serves
-ready VMs."""
+ready VMs and spare shim daemons (`--size 0 --shims N`: spares only, e.g. on a template-only host)."""
 
 from __future__ import annotations
 
