@@ -21,12 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttrpc.sockets import bind_unix_socket
-
-from . import mounts, oci, spare, wire
+from . import mounts, oci, wire
 from .config import load_config
 from .factory.builds import reap_orphan_builds
-from .timing import START_CMD_ENV, process_age_s
 
 SOCKET_DIR = "/run/containerd/s"
 
@@ -77,6 +74,12 @@ def config_path_from_options(raw: bytes) -> str:
 
 def start(args: ShimArgs, stdin: bytes) -> str:
     """Run the `start` action; return the address to print. Raises OSError/ValueError on failure."""
+    # start-only imports: `delete` (containerd waits for it after every shim exit) stays lean
+    from ttrpc.sockets import bind_unix_socket
+
+    from . import spare
+    from .timing import START_CMD_ENV, process_age_s
+
     bundle = os.getcwd()
     annotations = oci.annotations_of(bundle)
     grouping = oci.grouping_id(args.id, annotations)
@@ -128,6 +131,9 @@ def _hand_to_spare(argv: list[str], bundle: str, listen_fd: int, config_path: st
         return False
     if not pool_socket:
         return False
+    from . import spare
+    from .timing import START_CMD_ENV, process_age_s
+
     try:
         spare_socket = spare.take_spare(pool_socket)
         spare.hand_off(spare_socket, argv, bundle, {**os.environ, START_CMD_ENV: f"{process_age_s():.3f}"},
