@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 
-from agent import cgroups, mounts
+from agent import cgroups, mounts, network
 from agent.containers import Containers
 from agent.oci_runtime import OciRuntime, find_runtime
 from agent.oom import OomWatcher
 from agent.reaper import Reaper
 from agent.sandbox import Sandbox
-from agent.server import AgentServicer, serve
+from agent.server import AgentServicer, reaped_run, serve
 from agent.spec import CGROUP_PARENT
 from protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
@@ -96,7 +96,7 @@ class Agent:
         self.reaper.start()
         self.oom.start()
         self._server = serve(self.address, AgentServicer(self.root, self.sandbox, self.containers,
-                                                          self.oom))
+                                                          self.oom, self.reaper))
 
     def warm_up(self) -> None:
         """Before the agent says it is ready (and a template is saved), go once through what a
@@ -146,6 +146,12 @@ class Agent:
         t0 = time.monotonic()
         self.warm_up()
         self._warm_up_9p(log)
+        try:  # what the pod's network set-up runs first (UpdateInterface, UpdateRoutes)
+            ip = network.Ip(reaped_run(self.reaper))
+            ip.json("addr", "show")
+            ip.json("route", "show")
+        except Exception as e:  # noqa: BLE001 - only an optimisation
+            log.debug("clone warm-up: ip: %s", e)
         status = None
         try:
             rootfs = warm_up_rootfs(self.root)

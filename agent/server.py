@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import queue
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -28,6 +29,7 @@ from agent.errors import (
 )
 from agent.oom import OomWatcher
 from agent.paths import resolve_inside, validate_id
+from agent.reaper import Reaper
 from agent.sandbox import Sandbox, SandboxSpec
 from agent.spec import parse_json
 from agent.storage import DRIVERS, Mounted, StorageSpec, mount_storage, unmount_storage
@@ -119,15 +121,34 @@ def _eid(request: Any) -> str:
     return validate_id(request.exec_id, "exec_id") if request.exec_id else ""
 
 
+def reaped_run(reaper: Reaper) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """A `subprocess.run(argv, input=, capture_output=True, text=True, timeout=)` look-alike over the
+    reaper (what network.Ip calls)."""
+
+    def run(argv: list[str], input: str | None = None, timeout: float = 30.0,  # noqa: A002
+            **_: object) -> subprocess.CompletedProcess[str]:
+        try:
+            done = reaper.run(argv, input=input.encode() if input is not None else None, timeout=timeout)
+        except TimeoutError as exc:
+            raise subprocess.TimeoutExpired(argv, timeout) from exc
+        return subprocess.CompletedProcess(argv, done.code, done.stdout.decode(errors="replace"),
+                                           done.stderr.decode(errors="replace"))
+
+    return run
+
+
 class AgentServicer(pb_grpc.AgentServicer):
     """Thin adapter over Sandbox / Containers / guest functions."""
 
-    def __init__(self, root: str, sandbox: Sandbox, containers: Containers, oom: OomWatcher) -> None:
+    def __init__(self, root: str, sandbox: Sandbox, containers: Containers, oom: OomWatcher,
+                 reaper: Reaper) -> None:
         self.root = root
         self.sandbox = sandbox
         self.containers = containers
         self.oom = oom
-        self.network = network.Network()
+        # `ip` runs through the reaper: it reaps every child (PID 1 in the guest), so a plain
+        # subprocess would find its child gone and report exit 0 — an `ip` failure lost
+        self.network = network.Network(network.Ip(reaped_run(reaper)))
 
     # --- sandbox ---
     @_unary

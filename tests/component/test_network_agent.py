@@ -90,3 +90,16 @@ def test_arp_neighbors_are_permanent(netns: str) -> None:
     assert "10.99.0.7 lladdr 02:00:00:00:00:07 PERMANENT" in out
     with pytest.raises(InvalidArgument):
         net.add_neighbors([network.Neighbor("10.99.0.8", "eth0", "")])
+
+
+def test_ipv6_default_route_is_added_and_removed_in_a_batch(netns: str) -> None:
+    # `ip -batch` lines take no -6: the IPv6 default route must still be told apart from IPv4's
+    net = in_netns(netns)
+    net.update_interface(MAC, 0, [network.Address("10.99.0.5", 24), network.Address("fd00::5", 64, 6)])
+    v4_default = network.Route("", gateway="10.99.0.1", device="eth0")
+    v6_default = network.Route("", gateway="fd00::1", device="eth0", family=6)
+    table = net.update_routes([v4_default, v6_default])
+    defaults = {(r.family, r.gateway) for r in table if not r.dest}
+    assert defaults == {(4, "10.99.0.1"), (6, "fd00::1")}
+    table = net.update_routes([v4_default])  # only the IPv6 default goes
+    assert {(r.family, r.gateway) for r in table if not r.dest} == {(4, "10.99.0.1")}
