@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="pods per mode (default 3)")
     parser.add_argument("--pool-size", type=int, default=2)
+    parser.add_argument("--keep-log", help="copy containerd's log (shim logs included) to this file")
     args = parser.parse_args()
     modes = ["runc", "template", "pool"]
     bridge = f"kpbench{os.getpid() % 10000}"
@@ -99,6 +101,8 @@ def main() -> None:
                     results[mode].append(took)
                     progress(f"{mode}-{i}: pod running in {took['pod running (sum)']:.2f} s")
             timings = timing_lines(ctd.log)
+            if args.keep_log:
+                shutil.copyfile(ctd.log, args.keep_log)
         finally:
             if pool is not None:
                 pool.terminate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Protocol
 
 import trio
@@ -79,13 +80,16 @@ class PodNetwork:
     async def _add(self, ep: Endpoint, vm: NicHost, agent: Agent) -> None:
         n, self._next = self._next, self._next + 1
         tap, nic = ep.tap_name(n), f"nic{n}"
+        t0 = time.monotonic()
         fd = await trio.to_thread.run_sync(host.attach_tap, self.netns, ep.index, tap, ep.interface.mtu)
         self._taps[tap] = ep.index
+        t1 = time.monotonic()
         try:
             try:
                 await vm.add_tap_nic(nic, fd, ep.interface.hw_addr, mtu=ep.interface.mtu)
             finally:
                 os.close(fd)  # QEMU holds its own copy now
+            t2 = time.monotonic()
             guest = await agent.update_interface(ep.interface)
         except Exception as exc:
             # half a NIC helps no one: take it away so the next sync starts this one afresh
@@ -95,8 +99,9 @@ class PodNetwork:
                 log.warning("netns %s: undoing %s: %s", self.netns, nic, undo)
             raise exc
         self.mirrored[ep.index] = Mirrored(ep, tap, nic, guest.name)
-        log.info("netns %s: %s (%s) -> tap %s -> guest %s %s", self.netns, ep.name, ep.interface.hw_addr,
-                 tap, guest.name, _addrs(guest))
+        log.info("netns %s: %s (%s) -> tap %s -> guest %s %s (tap %.3f s, hot-plug %.3f s, guest %.3f s)",
+                 self.netns, ep.name, ep.interface.hw_addr, tap, guest.name, _addrs(guest), t1 - t0, t2 - t1,
+                 time.monotonic() - t2)
 
     async def _remove(self, m: Mirrored, vm: NicHost, agent: Agent) -> None:
         iface = m.endpoint.interface
