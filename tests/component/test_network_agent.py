@@ -36,7 +36,7 @@ def netns() -> Iterator[str]:
 def in_netns(name: str) -> network.Network:
     def run(argv: list[str], **kw):
         return subprocess.run(["ip", "netns", "exec", name, *argv], **kw)
-    return network.Network(network.Ip(run), nic_wait_s=0.5)
+    return network.Network(network.Ip(run), nic_wait_s=0.5, sys_class_net=None)
 
 
 def test_update_interface_sets_mtu_addresses_and_up(netns: str) -> None:

@@ -1,12 +1,19 @@
-"""The agent's pure network parts: `ip -j` output parsing, route arguments and planning."""
+"""The agent's pure network parts: `ip -j` output parsing, route arguments and planning, and
+waiting for a hot-plugged NIC in sysfs."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
 
 from agent import network
 from agent.network import (
     Address,
     Link,
     Route,
+    macs_in_sysfs,
     parse_links,
     parse_routes,
     plan_addresses,
@@ -53,3 +60,32 @@ def test_plan_addresses_touches_only_the_difference() -> None:
     assert plan_addresses([a, b], [a, c]) == ([b], [c])
     assert plan_addresses([a], [a]) == ([], [])
     assert plan_addresses([a, c], []) == ([a, c], [])
+
+
+def test_macs_in_sysfs_reads_every_links_address(tmp_path) -> None:
+    for name, mac in (("lo", "00:00:00:00:00:00"), ("eth0", "02:AA:00:00:00:01")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "address").write_text(mac + "\n")
+    (tmp_path / "gone").mkdir()  # a link that disappeared while being listed
+    assert macs_in_sysfs(str(tmp_path)) == {"00:00:00:00:00:00", "02:aa:00:00:00:01"}
+    assert macs_in_sysfs(str(tmp_path / "missing")) == set()
+
+
+def test_a_nic_is_looked_up_with_ip_only_once_sysfs_has_it(tmp_path) -> None:
+    calls: list[list[str]] = []
+
+    def run(argv, **_):
+        calls.append(argv)
+        doc = [{"ifname": "eth0", "link_type": "ether", "address": "02:aa:00:00:00:01", "mtu": 1500}]
+        return subprocess.CompletedProcess(argv, 0, json.dumps(doc), "")
+
+    net = network.Network(network.Ip(run), nic_wait_s=5, sys_class_net=str(tmp_path))
+
+    def hotplug() -> None:
+        time.sleep(0.3)
+        (tmp_path / "eth0").mkdir()
+        (tmp_path / "eth0" / "address").write_text("02:aa:00:00:00:01\n")
+
+    threading.Thread(target=hotplug).start()
+    assert net._find("02:AA:00:00:00:01").name == "eth0"
+    assert len(calls) == 1  # no `ip` while the NIC was still on its way
