@@ -138,6 +138,7 @@ def _key(r: Route) -> tuple[str, str, int]:
 
 
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+_BATCH_TOKEN = re.compile(r"[^\s\"'\\#]+")  # no blanks, quotes, escapes or comments
 
 
 class Ip:
@@ -160,6 +161,10 @@ class Ip:
         ~0.1 s in a TCG guest. Stops at the first failing command; raises InvalidArgument then."""
         if not commands:
             return
+        for command in commands:  # a batch line is split on blanks: a token must not make two
+            bad = next((t for t in command if not _BATCH_TOKEN.fullmatch(t)), None)
+            if bad is not None:
+                raise InvalidArgument(f"ip: {bad!r} is not a valid argument")
         script = "".join(" ".join(command) + "\n" for command in commands)
         proc = self._run(["ip", "-batch", "-"], input=script, capture_output=True, text=True, timeout=30)
         if proc.returncode != 0:

@@ -8,7 +8,10 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from agent import network
+from agent.errors import InvalidArgument
 from agent.network import (
     Address,
     Link,
@@ -89,3 +92,18 @@ def test_a_nic_is_looked_up_with_ip_only_once_sysfs_has_it(tmp_path) -> None:
     threading.Thread(target=hotplug).start()
     assert net._find("02:AA:00:00:00:01").name == "eth0"
     assert len(calls) == 1  # no `ip` while the NIC was still on its way
+
+
+@pytest.mark.parametrize("bad", ["eth0\nlink set eth0 down", "eth 0", "eth0#", '"eth0"', ""])
+def test_a_batch_refuses_arguments_that_would_split_into_more_commands(bad: str) -> None:
+    ran: list[str] = []
+
+    def run(argv, input="", **_):  # noqa: A002
+        ran.append(input)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    ip = network.Ip(run)
+    with pytest.raises(InvalidArgument):
+        ip.batch([["link", "set", "dev", bad, "up"]])
+    ip.batch([["route", "replace", "::/0", "via", "fd00::1", "dev", "eth0"]])
+    assert ran == ["route replace ::/0 via fd00::1 dev eth0\n"]
