@@ -27,8 +27,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a plain script
 
 from benchmarks._table import STATS_HEADERS, stats_row, table, vm_lock  # noqa: E402
-from benchmarks.ctr_run import progress, reap_leftovers, schedule, timing_lines  # noqa: E402
-from benchmarks.start_modes import set_mode, start_pool  # noqa: E402
+from benchmarks.ctr_run import progress, schedule, timing_lines  # noqa: E402
+from benchmarks.start_modes import set_mode, start_pool, stop_everything  # noqa: E402
 from tests.support.containerd import RUNTIME_HANDLER, PrivateContainerd  # noqa: E402
 from tests.support.cri import CriClient, container_config, pod_config  # noqa: E402
 
@@ -104,12 +104,7 @@ def main() -> None:
             if args.keep_log:
                 shutil.copyfile(ctd.log, args.keep_log)
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.wait(timeout=60)
-            ctd.stop()
-            reap_leftovers(ctd)
-            ctd.cleanup()
+            stop_everything(ctd, pool)
             subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
     print("\nCRI pod start (bridge CNI netns, one busybox container), seconds: median per step")
     rows = [[step, *[stats_row(step, [r[step] for r in results[m]])[1] for m in modes]] for step in STEPS]

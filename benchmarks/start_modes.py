@@ -71,6 +71,16 @@ def start_pool(ctd: PrivateContainerd, size: int, sock: Path) -> subprocess.Pope
     return proc
 
 
+def stop_everything(ctd: PrivateContainerd, pool: subprocess.Popen[bytes] | None) -> None:
+    """The pool (it stops its VMs and spares), containerd, any shim or QEMU left, the temp dir."""
+    if pool is not None:
+        pool.terminate()
+        pool.wait(timeout=60)
+    ctd.stop()
+    reap_leftovers(ctd)
+    ctd.cleanup()
+
+
 def memory_per_pod(ctd: PrivateContainerd, image: str, pods: int, hold: float) -> list[list[object]]:
     ids = [f"idle-{i}" for i in range(pods)]
     try:
@@ -133,12 +143,7 @@ def main() -> None:
             memory = memory_per_pod(ctd, image, args.pods, args.hold)
             timings = timing_lines(ctd.log)
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.wait(timeout=60)
-            ctd.stop()
-            reap_leftovers(ctd)
-            ctd.cleanup()
+            stop_everything(ctd, pool)
     print("\nctr run --rm busybox true, seconds (wall time of ctr)")
     print(table(STATS_HEADERS, [stats_row(m, latency[m]) for m in modes]))
     print("\nkata-py sandbox start phases, seconds (median; shim timing lines)")
