@@ -21,6 +21,7 @@ from agent.reaper import Reaper
 from agent.sandbox import Sandbox
 from agent.server import AgentServicer, reaped_run, serve
 from agent.spec import CGROUP_PARENT
+from agent.storage import NINEP_MOUNT_LOCK
 from protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 _SHUTDOWN_TIMEOUT = 10.0
@@ -131,27 +132,34 @@ class Agent:
         def later() -> None:
             time.sleep(CLONE_WARM_UP_DELAY_S)
             if not host_connected.is_set():
-                self.run_clone_warm_up()
+                self.run_clone_warm_up(until=host_connected)
 
         threading.Thread(target=later, name="clone-warm-up", daemon=True).start()
 
-    def run_clone_warm_up(self) -> int | None:
+    def run_clone_warm_up(self, until: threading.Event | None = None) -> int | None:
         """The warm-up itself; returns the throwaway container's exit status, None if it failed
-        (logged)."""
+        (logged) or was left out because `until` was set meanwhile (the host came: the pod's own
+        requests are better served without it)."""
         log = logging.getLogger("agent")
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread and its children
         except OSError as e:
             log.debug("clone warm-up: SCHED_IDLE: %s", e)
         t0 = time.monotonic()
+        stop = until or threading.Event()
         self.warm_up()
-        self._warm_up_9p(log)
-        try:  # what the pod's network set-up runs first (UpdateInterface, UpdateRoutes)
-            ip = network.Ip(reaped_run(self.reaper))
-            ip.json("addr", "show")
-            ip.json("route", "show")
-        except Exception as e:  # noqa: BLE001 - only an optimisation
-            log.debug("clone warm-up: ip: %s", e)
+        if not stop.is_set():
+            self._warm_up_9p(log)
+        if not stop.is_set():
+            try:  # what the pod's network set-up runs first (UpdateInterface, UpdateRoutes)
+                ip = network.Ip(reaped_run(self.reaper))
+                ip.json("addr", "show")
+                ip.json("route", "show")
+            except Exception as e:  # noqa: BLE001 - only an optimisation
+                log.debug("clone warm-up: ip: %s", e)
+        if stop.is_set():
+            log.debug("timing clone_warm_up=%.3f cut short: the host came", time.monotonic() - t0)
+            return None
         status = None
         try:
             rootfs = warm_up_rootfs(self.root)
@@ -179,11 +187,12 @@ class Agent:
                 with open(tag_file) as f:
                     tag = f.read().strip("\0\n ")
                 os.makedirs(target, exist_ok=True)
-                mounts.mount(tag, target, "9p", mounts.MS_RDONLY, "trans=virtio,version=9p2000.L")
-                try:
-                    os.listdir(target)
-                finally:
-                    mounts.umount(target)
+                with NINEP_MOUNT_LOCK:  # held until unmounted: the pod's own mount of it waits
+                    mounts.mount(tag, target, "9p", mounts.MS_RDONLY, "trans=virtio,version=9p2000.L")
+                    try:
+                        os.listdir(target)
+                    finally:
+                        mounts.umount(target)
             except OSError as e:
                 log.debug("clone warm-up: 9p %s: %s", tag_file, e)
             finally:

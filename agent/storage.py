@@ -8,6 +8,7 @@ bind source must resolve inside the agent root.
 
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 
 from agent import mounts
@@ -16,6 +17,9 @@ from agent.paths import resolve_inside
 
 DRIVERS = ("9p", "virtio-fs", "ephemeral", "bind", "local")
 _DEFAULT_MSIZE = 512 * 1024  # larger than the 8 KiB default: far fewer virtio round trips for I/O
+# a virtio-9p channel takes one mount at a time (EBUSY otherwise): the clone warm-up's brief look at
+# the share (agent/app.py) and a real mount of it take turns
+NINEP_MOUNT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ def mount_storage(spec: StorageSpec, root: str, field_name: str = "storage") -> 
             opts = ["trans=virtio", "version=9p2000.L"]
             if "msize=" not in data:
                 opts.append(f"msize={_DEFAULT_MSIZE}")
-            mounts.mount(spec.source, target, "9p", flags, ",".join(opts + ([data] if data else [])))
+            with NINEP_MOUNT_LOCK:
+                mounts.mount(spec.source, target, "9p", flags, ",".join(opts + ([data] if data else [])))
         else:  # virtio-fs
             if not spec.source:
                 raise InvalidArgument(f"{field_name}.source: virtio-fs needs a mount tag")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -14,7 +15,7 @@ class FakeAgent:
     def __init__(self) -> None:
         self.warmed = threading.Event()
 
-    def run_clone_warm_up(self) -> None:
+    def run_clone_warm_up(self, until: threading.Event | None = None) -> None:
         self.warmed.set()
 
 
@@ -28,3 +29,24 @@ def test_warm_up_runs_only_if_the_host_has_not_connected(monkeypatch: pytest.Mon
     app.Agent.warm_up_clones(fake, connected)  # type: ignore[arg-type]
     time.sleep(0.3)
     assert fake.warmed.is_set() is not host_came
+
+
+def test_the_9p_look_holds_the_lock_a_pods_9p_mount_takes(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # one mount per virtio-9p channel: CreateSandbox's mount of the share would fail with EBUSY
+    # while the warm-up has it mounted, so both take agent.storage.NINEP_MOUNT_LOCK
+    from agent import mounts, storage
+
+    tag = tmp_path / "virtio3" / "mount_tag"
+    tag.parent.mkdir()
+    tag.write_text("kataShared\0")
+    monkeypatch.setattr(app, "NINEP_TAGS", str(tmp_path / "virtio*" / "mount_tag"))
+    seen: list[tuple[str, bool]] = []
+    monkeypatch.setattr(mounts, "mount", lambda src, *a, **k: seen.append((src, storage.NINEP_MOUNT_LOCK.locked())))
+    monkeypatch.setattr(mounts, "umount", lambda *a, **k: seen.append(("umount", storage.NINEP_MOUNT_LOCK.locked())))
+
+    class Root:
+        root = str(tmp_path / "agent-root")
+
+    app.Agent._warm_up_9p(Root(), logging.getLogger("t"))  # type: ignore[arg-type]
+    assert seen == [("kataShared", True), ("umount", True)]
+    assert not storage.NINEP_MOUNT_LOCK.locked()
