@@ -82,10 +82,10 @@ def main(argv: list[str]) -> int:
                   log_level=log_level or "info")
     agent.start()
     if guest_mode:
-        agent.warm_up()
+        agent.warm.before_ready()
         from agent.channel import HOST_CONNECTED
 
-        agent.warm_up_clones(HOST_CONNECTED)
+        agent.warm.clones(HOST_CONNECTED)
     print("KATA_PY_AGENT_READY", flush=True)
     agent.run_until_signalled()
     if pid1:

@@ -20,7 +20,7 @@ _CHUNK = 64 * 1024
 _HUP_SLEEP = 0.05  # POLLHUP is level-triggered while no host is connected: sleep, don't spin
 _CONNECT_TIMEOUT = 60.0  # the first host bytes may arrive before the gRPC server is listening
 # set once the host first reached the agent (its first bytes, or its first vsock connection): a
-# clone nobody has used yet warms itself up (agent/app.py)
+# clone nobody has used yet warms itself up (agent/warm_up.py)
 HOST_CONNECTED = threading.Event()
 
 

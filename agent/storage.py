@@ -18,7 +18,7 @@ from agent.paths import resolve_inside
 DRIVERS = ("9p", "virtio-fs", "ephemeral", "bind", "local")
 _DEFAULT_MSIZE = 512 * 1024  # larger than the 8 KiB default: far fewer virtio round trips for I/O
 # a virtio-9p channel takes one mount at a time (EBUSY otherwise): the clone warm-up's brief look at
-# the share (agent/app.py) and a real mount of it take turns
+# the share (agent/warm_up.py) and a real mount of it take turns
 NINEP_MOUNT_LOCK = threading.Lock()
 
 

@@ -1,4 +1,4 @@
-"""A clone's warm-up (agent/app.py) runs a real throwaway container with the real runc/crun and
+"""A clone's warm-up (agent/warm_up.py) runs a real throwaway container with the real runc/crun and
 leaves nothing behind: no container, no runtime state, no rootfs, no cgroup."""
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ os.makedirs(root, mode=0o700)
 agent = Agent(root=root, address=f"unix:{root}/a.sock", runtime=runtime)
 agent.start()
 try:
-    status = agent.run_clone_warm_up()
+    status = agent.warm.clone()
     left = {"containers": [c.id for c in agent.containers.all()],
             "runtime": agent.runtime.list_ids(),
             "rootfs": os.path.exists(os.path.join(root, "warm-up-rootfs")),
-            "cgroups": [d for d, _, _ in os.walk("/sys/fs/cgroup/kata-py")][1:]}  # container cgroups
+            # the warm-up container's cgroup (other agents on this host may have theirs meanwhile)
+            "cgroups": [d for d, _, _ in os.walk("/sys/fs/cgroup/kata-py") if "kata-py-warm-up" in d]}
 finally:
     agent.stop()
 print(json.dumps({"status": status, **left}))
