@@ -71,8 +71,9 @@ def warm_up_rootfs(root: str) -> str:
     return rootfs
 
 
-
 class WarmUp:
+    """The agent's warm-ups; `before_ready()` runs once before READY, `clones()` arms the other."""
+
     def __init__(self, root: str, address: str, runtime: OciRuntime, containers: Containers,
                  reaper: Reaper) -> None:
         self.root = root
@@ -107,9 +108,10 @@ class WarmUp:
         slow (first health check ~0.4 s, then ~0.07 s; crun create ~0.6 s, then ~0.3 s). A thread
         armed now, just before the template is saved, wakes CLONE_WARM_UP_DELAY_S of guest time
         later — in each clone, after its restore (guest time stands still in a saved template). If
-        the host has not reached the agent by then, the clone is waiting in a pool: it runs the
-        health check and a throwaway container at SCHED_IDLE, so that it is hot when handed out. A
-        clone in use (template restore, cold boot) skips it: it would only cost memory there."""
+        the host has not reached the agent by then, the clone is waiting in a pool: at SCHED_IDLE it
+        runs a health check, a look at the 9p share, `ip` and a throwaway container, so that it is
+        hot when handed out, and stops early when the host comes. A clone in use (template restore,
+        cold boot) skips it: it would only cost memory there."""
 
         def later() -> None:
             time.sleep(CLONE_WARM_UP_DELAY_S)
