@@ -125,10 +125,9 @@ def run_spare(socket_path: str) -> int:
         assignment = _receive_assignment(conn)
     if assignment is None:
         return 0
-    argv, _listen_fd = assignment
     from .__main__ import main
 
-    return main(argv)
+    return main(assignment)
 
 
 def _listen(path: str) -> socket.socket:
@@ -144,8 +143,9 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
-def _receive_assignment(conn: socket.socket) -> tuple[list[str], int] | None:
-    """Take the pod from `start` (and become its daemon), or refuse it (None)."""
+def _receive_assignment(conn: socket.socket) -> list[str] | None:
+    """Take the pod from `start` and become its daemon (returns the daemon's arguments), or refuse
+    it (None)."""
     conn.settimeout(5.0)
     fds: list[int] = []
     try:
@@ -171,7 +171,7 @@ def _receive_assignment(conn: socket.socket) -> tuple[list[str], int] | None:
             pass  # start is gone already
         return None
     _become_daemon(argv, env, fds[0], peer_pid)
-    return argv, fds[0]
+    return argv
 
 
 def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
