@@ -41,8 +41,8 @@ from benchmarks._table import (  # noqa: E402
     table,
     vm_lock,
 )
-from tests.support.containerd import NAMESPACE, PrivateContainerd  # noqa: E402
 from tests.support.containerd import RUNTIME as KATA  # noqa: E402
+from tests.support.containerd import PrivateContainerd  # noqa: E402
 
 RUNC = "io.containerd.runc.v2"
 NAMES = {RUNC: "runc", KATA: "kata-py"}
@@ -194,19 +194,6 @@ def reap_leftovers(ctd: PrivateContainerd) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    remove_namespace_cgroups()
-
-
-def remove_namespace_cgroups() -> None:
-    """runc's shim leaves the (empty) cgroup of the containerd namespace behind, in every hierarchy:
-    /sys/fs/cgroup/[<controller>/]kata-py-test. Remove what is empty; a busy one stays."""
-    root = Path("/sys/fs/cgroup")
-    for group in [*root.glob(NAMESPACE), *root.glob(f"*/{NAMESPACE}")]:
-        if group.is_dir() and not any(child.is_dir() for child in group.iterdir()):
-            try:
-                group.rmdir()
-            except OSError:
-                pass  # still in use
 
 
 def progress(message: str) -> None:

@@ -20,6 +20,16 @@ RUNTIME = "io.containerd.kata-py.v2"
 NAMESPACE = "kata-py-test"
 CRI_NAMESPACE = "k8s.io"  # where containerd's CRI plugin keeps its images and containers
 RUNTIME_HANDLER = "kata-py"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def namespace_cgroups() -> set[Path]:
+    """The cgroups of our containerd namespaces, in every hierarchy: a container's cgroupsPath is
+    /<namespace>/<id>, and neither runc nor the shim removes the namespace level after its child."""
+    found: set[Path] = set()
+    for ns in (NAMESPACE, CRI_NAMESPACE):
+        found |= {p for p in (*CGROUP_ROOT.glob(ns), *CGROUP_ROOT.glob(f"*/{ns}")) if p.is_dir()}
+    return found
 
 
 class PrivateContainerd:
@@ -39,6 +49,7 @@ class PrivateContainerd:
             text = f"[runtime]\n{ours}\n{kata_config}"
         self.kata_config.write_text(text)
         self._cri = cri
+        self._cgroups_before = namespace_cgroups()  # cleanup() removes only the ones made since
         self._pod_annotations = pod_annotations
         self.cni_conf_dir = self.dir / "cni" / "net.d"
 
@@ -173,3 +184,9 @@ disabled_plugins = [{", ".join(disabled)}]
                 pass
         unmount_all(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
+        for group in namespace_cgroups() - self._cgroups_before:  # ours, and nothing left in them
+            if not any(child.is_dir() for child in group.iterdir()):
+                try:
+                    group.rmdir()
+                except OSError:
+                    pass  # still busy: the leak check names it

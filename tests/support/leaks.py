@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .containerd import namespace_cgroups
+
 WATCHED_PROGRAMS = ("containerd", "containerd-shim-kata-py-v2")  # by argv[0]'s basename
 WATCHED_PROCESSES = ("qemu-system", "-m shim ", "-m agent ")  # anywhere in the command line
 
@@ -43,7 +45,7 @@ def _mounts() -> set[str]:
 
 
 def _cgroups() -> set[str]:
-    found = set()
+    found = {str(p) for p in namespace_cgroups()}  # our containerd namespaces' level
     for root, dirs, _ in os.walk("/sys/fs/cgroup"):
         for d in dirs:
             if d.startswith("kata_"):  # ours: kata_<sandbox> and kata_overhead
