@@ -1,4 +1,10 @@
-"""A private containerd 1.6 in a temp dir (own root, state, sockets, config), started for real."""
+"""A private containerd in a temp dir (own root, state, sockets, config), started for real.
+
+Any release of tests/support/containerd_releases.py: the host's 1.6, or a private 1.7 or 2.x. Each
+gets the configuration format its release reads (1.x `version = 2`; 2.x `version = 3`, where the
+CRI plugin's settings live in `io.containerd.cri.v1.runtime` / `io.containerd.cri.v1.images`) and
+its own `ctr`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from pathlib import Path
 
 from shim.mounts import unmount_all
 
+from .containerd_releases import HOST, Release, bin_dir
 from .images import IMAGE_NAME, PAUSE_CMD, PAUSE_IMAGE_NAME, build_oci_tar
 
 RUNTIME = "io.containerd.kata-py.v2"
@@ -32,9 +39,83 @@ def namespace_cgroups() -> set[Path]:
     return found
 
 
+def cri_section(major: int, *, pause_image: str, kata_config: Path, pod_annotations: tuple[str, ...],
+                cni_conf_dir: Path) -> str:
+    """The CRI plugin's settings: our pause image, runtime handler kata-py (as packaging/containerd),
+    in the layout of containerd `major` (checked against each release's `containerd config default`)."""
+    patterns = ", ".join(f'"{p}"' for p in pod_annotations)
+    if major >= 2:
+        runtime, images = 'plugins."io.containerd.cri.v1.runtime"', 'plugins."io.containerd.cri.v1.images"'
+        head = f"""[{images}]
+  snapshotter = "overlayfs"
+[{images}.pinned_images]
+  sandbox = "{pause_image}"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[{runtime}]
+  disable_apparmor = true
+[{runtime}.containerd]
+  default_runtime_name = "runc"
+"""
+        cni = f"""[{runtime}.cni]
+  bin_dirs = ["/usr/lib/cni"]
+  conf_dir = "{cni_conf_dir}"
+"""
+    else:
+        runtime = 'plugins."io.containerd.grpc.v1.cri"'
+        head = f"""[{runtime}]
+  sandbox_image = "{pause_image}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_apparmor = true
+[{runtime}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+"""
+        cni = f"""[{runtime}.cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{cni_conf_dir}"
+"""
+    runtimes = f"{runtime}.containerd.runtimes"
+    return head + f"""[{runtimes}.runc]
+  runtime_type = "io.containerd.runc.v2"
+[{runtimes}.{RUNTIME_HANDLER}]
+  runtime_type = "{RUNTIME}"
+  privileged_without_host_devices = true
+  pod_annotations = [{patterns}]
+[{runtimes}.{RUNTIME_HANDLER}.options]
+  ConfigPath = "{kata_config}"
+""" + cni
+
+
+def containerd_config(major: int, *, top: Path, address: str, cri: str | None) -> str:
+    """A whole config.toml for containerd `major`, everything under `top`; `cri` is cri_section()'s
+    text, or None to disable the CRI plugin."""
+    disabled = [] if cri is not None else ['"io.containerd.grpc.v1.cri"']
+    if major >= 2:
+        # on by default in 2.x: it would listen on the host-wide /var/run/nri/nri.sock
+        disabled.append('"io.containerd.nri.v1.nri"')
+    return f"""version = {3 if major >= 2 else 2}
+root = "{top}/root"
+state = "{top}/state"
+disabled_plugins = [{", ".join(disabled)}]
+[grpc]
+  address = "{address}"
+[ttrpc]
+  address = "{address}.ttrpc"
+[debug]
+  level = "debug"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{top}/opt"
+""" + (cri or "")
+
+
 class PrivateContainerd:
     def __init__(self, kata_config: str = "", cri: bool = False,
-                 pod_annotations: tuple[str, ...] = ("io.katacontainers.*",)) -> None:
+                 pod_annotations: tuple[str, ...] = ("io.katacontainers.*",), release: Release = HOST) -> None:
+        self.release = release
+        self.release_bin = bin_dir(release)  # fetched (once per machine) before any temp dir is made
         self.dir = Path(tempfile.mkdtemp(prefix="kpc-", dir="/tmp"))
         self.address = str(self.dir / "c.sock")
         self.bin = self.dir / "bin"
@@ -53,31 +134,13 @@ class PrivateContainerd:
         self._pod_annotations = pod_annotations
         self.cni_conf_dir = self.dir / "cni" / "net.d"
 
-    def _cri_config(self) -> str:
-        """The CRI plugin's section: our pause image, runtime handler kata-py (as packaging/containerd)."""
-        cri = 'plugins."io.containerd.grpc.v1.cri"'
-        patterns = ", ".join(f'"{p}"' for p in self._pod_annotations)
-        self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
-        return f"""[{cri}]
-  sandbox_image = "{PAUSE_IMAGE_NAME}"
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  disable_apparmor = true
-[{cri}.containerd]
-  snapshotter = "overlayfs"
-  default_runtime_name = "runc"
-[{cri}.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-[{cri}.containerd.runtimes.{RUNTIME_HANDLER}]
-  runtime_type = "{RUNTIME}"
-  privileged_without_host_devices = true
-  pod_annotations = [{patterns}]
-[{cri}.containerd.runtimes.{RUNTIME_HANDLER}.options]
-  ConfigPath = "{self.kata_config}"
-[{cri}.cni]
-  bin_dir = "/usr/lib/cni"
-  conf_dir = "{self.cni_conf_dir}"
-"""
+    @property
+    def ctr_binary(self) -> str:
+        """This release's ctr (1.7's and 2.x's come in the containerd package)."""
+        return str(self.release_bin / "ctr")
+
+    def ctr_argv(self, namespace: str = NAMESPACE) -> list[str]:
+        return [self.ctr_binary, "--address", self.address, "--namespace", namespace]
 
     @property
     def cri_address(self) -> str:
@@ -85,19 +148,13 @@ class PrivateContainerd:
         return f"unix://{self.address}"
 
     def _write_config(self) -> Path:
-        disabled = [] if self._cri else ['"io.containerd.grpc.v1.cri"']
+        cri = None
+        if self._cri:
+            self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+            cri = cri_section(self.release.major, pause_image=PAUSE_IMAGE_NAME, kata_config=self.kata_config,
+                              pod_annotations=self._pod_annotations, cni_conf_dir=self.cni_conf_dir)
         cfg = self.dir / "config.toml"
-        cfg.write_text(f"""version = 2
-root = "{self.dir}/root"
-state = "{self.dir}/state"
-disabled_plugins = [{", ".join(disabled)}]
-[grpc]
-  address = "{self.address}"
-[ttrpc]
-  address = "{self.address}.ttrpc"
-[debug]
-  level = "debug"
-""" + (self._cri_config() if self._cri else ""))
+        cfg.write_text(containerd_config(self.release.major, top=self.dir, address=self.address, cri=cri))
         return cfg
 
     def _shim_wrapper(self) -> None:
@@ -109,10 +166,11 @@ disabled_plugins = [{", ".join(disabled)}]
     def start(self) -> PrivateContainerd:
         self._shim_wrapper()
         cfg = self._write_config()
-        env = {**os.environ, "PATH": f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-               "KATA_PY_CONFIG": str(self.kata_config)}
+        # our shim wrapper first, then the release's own runc shim, then the rest
+        path = ":".join((str(self.bin), str(self.release_bin), os.environ.get("PATH", "/usr/bin:/bin")))
+        env = {**os.environ, "PATH": path, "KATA_PY_CONFIG": str(self.kata_config)}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(["containerd", "--config", str(cfg)], stdout=log, stderr=log,
+            self.proc = subprocess.Popen([str(self.release_bin / "containerd"), "--config", str(cfg)], stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         deadline = time.monotonic() + 30
         while not os.path.exists(self.address):
@@ -130,7 +188,7 @@ disabled_plugins = [{", ".join(disabled)}]
 
     def ctr(self, *args: str, input: bytes | None = None, timeout: float = 180, check: bool = True,
             namespace: str = NAMESPACE) -> subprocess.CompletedProcess[bytes]:
-        cmd = ["ctr", "--address", self.address, "--namespace", namespace, *args]
+        cmd = [*self.ctr_argv(namespace), *args]
         result = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout,
                                 stdin=None if input is not None else subprocess.DEVNULL)
         if check and result.returncode != 0:
@@ -169,7 +227,7 @@ disabled_plugins = [{", ".join(disabled)}]
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if any(m in cmd for m in marks) and not cmd.startswith(b"containerd\0"):
+            if any(m in cmd for m in marks) and os.path.basename(cmd.split(b"\0", 1)[0]) != b"containerd":
                 found.append(int(pid))
         return found
 
