@@ -22,13 +22,19 @@ GROUP_KEY = "io.containerd.runc.v2.group"
 SANDBOX_TYPES = {"sandbox"}
 CONTAINER_TYPES = {"container"}
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# containerd's own identifier rule (pkg/identifiers): alphanumeric runs joined by single `.`, `_` or
+# `-`, at most 76 characters. Ids name directories and sockets on the host, so every id that comes
+# from outside (container, exec, grouping/sandbox) passes it whole: fullmatch, since `$` would let a
+# trailing newline through.
+_ID = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+MAX_ID_LENGTH = 76
 
 
-def validate_id(value: str, what: str = "id") -> str:
-    """Raises InvalidArgument unless value is a safe container/exec id (no '/', no '..')."""
-    if not _ID.match(value) or value in (".", ".."):
-        raise InvalidArgument(f"{what} {value!r} is not a valid identifier")
+def validate_id(value: object, what: str = "id") -> str:
+    """Raises InvalidArgument unless value is an identifier containerd itself would accept."""
+    if not isinstance(value, str) or len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
+        raise InvalidArgument(f"{what} {value!r} is not a valid identifier (containerd's rule: "
+                              f"[A-Za-z0-9]+ joined by single '.', '_' or '-', at most {MAX_ID_LENGTH} characters)")
     return value
 
 
@@ -61,11 +67,13 @@ def pod_role(container_id: str, annotations: dict[str, str]) -> PodRole:
 
 
 def grouping_id(container_id: str, annotations: dict[str, str]) -> str:
-    """The id whose shim serves this container (containerd's runc manager does the same)."""
+    """The id whose shim serves this container (containerd's runc manager does the same).
+
+    Raises InvalidArgument for an id that is not an identifier (it names the pod's state dir)."""
     for key in (GROUP_KEY, *SANDBOX_ID_KEYS):
         if annotations.get(key):
-            return annotations[key]
-    return container_id
+            return validate_id(annotations[key], key)
+    return validate_id(container_id, "container id")
 
 
 def _expect(obj: Any, typ: type | tuple[type, ...], field: str) -> Any:

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -36,7 +35,14 @@ from agent_client.grpc_client import GrpcAgent, connect_agent
 from agent_client.protocol import Agent, Storage
 from agent_client.transport import SerialTransport, VsockTransport, vsock_available
 from vmm.accel import AccelChoice, detect_accel
-from vmm.config import DEFAULT_KERNEL_PARAMS, NinePShare, SerialChannel, VmConfig, VsockChannel
+from vmm.config import (
+    DEFAULT_KERNEL_PARAMS,
+    SHARED_MOUNT_TAG,
+    NinePShare,
+    SerialChannel,
+    VmConfig,
+    VsockChannel,
+)
 from vmm.errors import VmmError
 from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
@@ -74,6 +80,7 @@ from .resources.cgroups import (
 )
 from .resources.reconciler import Reconciler
 from .resources.sizing import SandboxSizing, Target, calculate_sandbox
+from .share import GUEST_SHARED, GuestShare
 from .timing import PhaseTimer
 
 if TYPE_CHECKING:
@@ -82,9 +89,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GUEST_FILES = ("vmlinux", "initrd.img", "rootfs.erofs")
-GUEST_ROOT = "/run/kata-py"  # the agent's root in the guest
-SHARED_TAG = "kataShared"
-GUEST_SHARED = f"{GUEST_ROOT}/shared"
 REMOVE_TIMEOUT_S = 30
 
 _AGENT_TO_SHIM: list[tuple[type[AgentError], type[ShimError]]] = [
@@ -148,7 +152,7 @@ class VmSandbox:
         self.config = config
         self._nursery = nursery
         self.state_dir = sandbox_state_dir(config.runtime.state_dir, sandbox_id)
-        self.shared_dir = self.state_dir / "shared"
+        self.share = GuestShare(self.state_dir)  # what of the host the guest sees (shim/share.py)
         self._vm: QemuHypervisor | None = None
         self._agent: GrpcAgent | None = None
         self._start_lock = trio.Lock()
@@ -255,9 +259,10 @@ class VmSandbox:
         await self._teardown_network()
         await self._teardown_host_cgroups()
         await self._run_poststop_hooks()
-        if self.state_dir.exists():
-            mounts.unmount_all(self.state_dir)
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.share.close()
+        left = mounts.remove_tree(self.state_dir)  # never into a mount: user data stays whole
+        if left:
+            log.error("sandbox %s: left in its state dir (still mounted): %s", self.id, ", ".join(left))
 
     # --- the start script -----------------------------------------------------------------------
     def guest_image(self) -> Path:
@@ -287,7 +292,7 @@ class VmSandbox:
             guest_log_level="debug" if self.config.runtime.debug else "info", name=f"kata-py-{self.id[:16]}",
             machine=h.machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
             max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
-            tb_size_mib=h.tb_size_mib, tcg_multithread=h.tcg_multithread, agent=channel, shared=NinePShare(self.shared_dir))
+            tb_size_mib=h.tb_size_mib, tcg_multithread=h.tcg_multithread, agent=channel, shared=NinePShare(self.share.exported))
 
     async def start(self, sandbox_spec: dict[str, Any], bundle: str = "") -> None:
         """Boot the VM and bring its agent up.
@@ -308,8 +313,8 @@ class VmSandbox:
         except VmmError as exc:
             raise FailedPrecondition(f"accelerator: {exc}") from exc
         log.info("sandbox %s: accelerator %s (%s)", self.id, accel.name, accel.reason)
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.shared_dir.mkdir(mode=0o700, exist_ok=True)
+        # the state dir is made by the share (or is a pool VM's, renamed): only its parent here
+        self.state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             boot = await self._launch_vm(self.vm_config(guest, effective.assets), accel, timer)
             await self._init_guest(sandbox_spec, timer)
@@ -379,6 +384,7 @@ class VmSandbox:
             except (VmmError, AgentError, OSError, trio.TooSlowError) as exc:
                 log.warning("sandbox %s: VM from the pool failed, trying the template: %s", self.id, exc)
                 await self._discard_vm()
+        self.share.create()  # no-op for a pool VM's directory that stayed ours after a failed adoption
         if self.config.factory.template:
             try:
                 how = await self._launch_from_template(cfg, accel, timer)
@@ -471,7 +477,7 @@ class VmSandbox:
         hostname = sandbox_spec.get("hostname") or self.id[:12]
         agent = self._agent
         seed = os.urandom(256)
-        storages = [Storage(driver="9p", source=SHARED_TAG, mount_point=GUEST_SHARED)]
+        storages = [Storage(driver="9p", source=SHARED_MOUNT_TAG, mount_point=GUEST_SHARED)]
         async with agent_errors():
             # a booted or restored guest has a stale clock and (for clones) the template's RNG state.
             # The three are independent and nothing runs in the guest before all are done: sent at
@@ -650,39 +656,46 @@ class VmSandbox:
 
     # --- rootfs sharing -------------------------------------------------------------------------
     def _share_rootfs(self, container: Container) -> Storage:
-        """Mount containerd's rootfs on <bundle>/rootfs and bind it into the shared dir.
+        """Mount containerd's rootfs on <bundle>/rootfs and attach it to the guest share (read-only
+        there when the spec's root or a rootfs mount says so: the guest must not write through a
+        read-only view of an image layer shared with every other container).
 
         Raises InvalidArgument for an unsupported mount and Internal when mounting fails.
         """
         bundle_rootfs = Path(container.bundle) / "rootfs"
-        target = self.shared_dir / "containers" / container.id / "rootfs"
+        readonly = bool((container.spec.get("root") or {}).get("readonly"))
         try:
             bundle_rootfs.mkdir(exist_ok=True)
             for m in container.rootfs_mounts:
                 if m.type not in ("overlay", "bind", "ext4", "xfs", "tmpfs"):
                     raise InvalidArgument(f"rootfs mount type {m.type!r} is not supported")
-                flags, data = mounts.mount_options(list(m.options))
-                mounts.mount(m.source, str(bundle_rootfs), None if m.type == "bind" else m.type,
-                             flags | (mounts.MS_BIND if m.type == "bind" else 0), data)
-            target.mkdir(parents=True, exist_ok=True)
-            mounts.mount(str(bundle_rootfs), str(target), None, mounts.MS_BIND | mounts.MS_REC)
+                options = list(m.options)
+                readonly = readonly or "ro" in options
+                if m.type == "bind":  # mount(2) would ignore "ro" on a new bind
+                    mounts.bind(m.source, bundle_rootfs, readonly="ro" in options, recursive="rbind" in options)
+                else:
+                    flags, data = mounts.mount_options(options)
+                    mounts.mount(m.source, str(bundle_rootfs), m.type, flags, data)
+            guest_path = self.share.share_rootfs(container.id, bundle_rootfs, readonly=readonly)
         except OSError as exc:
             self._unshare_rootfs(container)
             raise Internal(f"container {container.id}: rootfs: {exc}") from exc
-        return Storage(driver="", source="", mount_point=f"{GUEST_SHARED}/containers/{container.id}/rootfs")
+        except ShimError:
+            self._unshare_rootfs(container)
+            raise
+        return Storage(driver="", source="", mount_point=guest_path)
 
     def _share_mounts(self, container: Container) -> tuple[dict[str, Any], list[Storage]]:
         """The spec as the guest must see it, and the pod volumes the agent must provide for it.
 
-        Every host bind mount is shared through the 9p directory: only what the spec names becomes
-        visible in the guest, one bind mount per source (read-only where the spec says ro).
-        Kubernetes emptyDirs are not shared: the guest backs them itself (shim/volumes.py), one per
-        pod. /dev/shm is backed by a tmpfs inside the guest instead of the host's (CRI hands each pod
-        a host shm directory that the guest could not share memory through).
-        Raises InvalidArgument for a missing source, Internal when a mount fails.
+        Every host bind mount is attached to the guest share (shim/share.py): only what the spec
+        names becomes visible in the guest, one mount per source, read-only down to its submounts
+        where the spec says ro. Kubernetes emptyDirs are not shared: the guest backs them itself
+        (shim/volumes.py), one per pod. /dev/shm is backed by a tmpfs inside the guest instead of the
+        host's (CRI hands each pod a host shm directory that the guest could not share memory
+        through). Raises InvalidArgument for a missing source, Internal when a mount fails.
         """
         spec = copy.deepcopy(container.spec)
-        mounts_dir = self.shared_dir / "containers" / container.id / "mounts"
         pod_volumes: dict[str, Storage] = {}  # by guest path: a volume mounted twice is one storage
         for i, m in enumerate(spec.get("mounts") or []):
             options = list(m.get("options") or [])
@@ -697,7 +710,7 @@ class VmSandbox:
                 m.update(type="tmpfs", source="shm", options=shm_options)
                 continue
             source = m.get("source", "")
-            if not source.startswith("/") or not os.path.exists(source):
+            if not isinstance(source, str) or not source.startswith("/") or not os.path.exists(source):
                 raise InvalidArgument(f"mounts[{i}].source: {source!r} does not exist on the host")
             if volumes.is_empty_dir(source):
                 try:
@@ -707,29 +720,13 @@ class VmSandbox:
                 pod_volumes[volume.mount_point] = volume
                 m.update(source=volume.mount_point, type="bind")
                 continue
-            name = f"{i}-{os.path.basename(source.rstrip('/')) or 'root'}"
-            target = mounts_dir / name
-            try:
-                mounts_dir.mkdir(parents=True, exist_ok=True)
-                if os.path.isdir(source):
-                    target.mkdir(exist_ok=True)
-                else:
-                    target.touch(exist_ok=True)
-                mounts.mount(source, str(target), None, mounts.MS_BIND | mounts.MS_REC)
-                if "ro" in options:
-                    mounts.mount(source, str(target), None,
-                                 mounts.MS_BIND | mounts.MS_REMOUNT | mounts.MS_RDONLY)
-            except OSError as exc:
-                raise Internal(f"container {container.id}: mounts[{i}] {source}: {exc}") from exc
-            m["source"] = f"{GUEST_SHARED}/containers/{container.id}/mounts/{name}"
+            m["source"] = self.share.share_volume(container.id, i, source, readonly="ro" in options)
             m["type"] = "bind"
         return spec, list(pod_volumes.values())
 
     def _unshare_rootfs(self, container: Container) -> None:
-        shared = self.shared_dir / "containers" / container.id
-        if shared.exists():
-            mounts.unmount_all(shared)
-            shutil.rmtree(shared, ignore_errors=True)
+        """Take the container's mounts off the guest share, then its rootfs off the bundle."""
+        self.share.unshare(container.id)
         if container.rootfs_mounts:
             mounts.unmount_all(Path(container.bundle) / "rootfs")
 
