@@ -131,6 +131,16 @@ def is_running(record: ProcRecord) -> bool:
     return identify(record.pid) == record
 
 
+def check_recorded(path: Path, pid: int) -> ProcRecord:
+    """The record in `path`, which must name `pid` while it still is the recorded process. Raises
+    ProcessLookupError (no record, another pid, not that process any more), ValueError (malformed),
+    OSError."""
+    record = read_record(path)
+    if record is None or record.pid != pid or not is_running(record):
+        raise ProcessLookupError(f"{path} does not record the running process {pid}: {record}")
+    return record
+
+
 def open_recorded(record: ProcRecord) -> int | None:
     """A pidfd of the recorded process, or None when it no longer runs. The pidfd is opened first
     and the identity checked after: if the check passes, the pidfd is the recorded process (a pid

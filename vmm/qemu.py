@@ -35,6 +35,7 @@ from vmm.errors import (
     VmStartError,
 )
 from vmm.hypervisor import ExitCallback, VmExit
+from vmm.procrecord import QEMU_RECORD, check_recorded, write_record
 from vmm.qmp import QmpClient, open_qmp, try_connect_unix
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,16 @@ class QemuHypervisor:
         """Take over a running QEMU another process started (the warm pool), with its QMP socket
         free at config.qmp_socket; watched through a pidfd from then on, managed as if started here.
 
-        Raises VmStartError if the process is gone or QMP does not answer; VmmError if not NEW.
+        Its process record (vmm/procrecord.py) came with it into config.state_dir: only the process
+        it names is adopted. Raises VmStartError if the process is gone, is not the one recorded, or
+        QMP does not answer; VmmError if not NEW.
         """
         if self._state is not _State.NEW:
             raise VmmError(f"adopt() called on a VM in state {self._state.value}")
         self._state = _State.STARTING
         try:
-            proc = AdoptedProcess(pid)
-        except OSError as e:
+            proc = AdoptedProcess(pid, self.config.state_dir / QEMU_RECORD)
+        except (OSError, ValueError) as e:
             self._finish(VmExit(None, "start-failed"))
             raise VmStartError(f"cannot adopt QEMU pid {pid}: {e}") from e
         await nursery.start(self._watch, proc)
@@ -160,6 +163,8 @@ class QemuHypervisor:
         self._proc = proc
         reason = "start-failed"
         try:
+            if not isinstance(proc, AdoptedProcess):  # an adopted one came with its record (checked)
+                _record(self.config.state_dir, proc.pid)
             async with trio.open_nursery() as inner:
                 with self._start_scope:
                     self._qmp = await inner.start(self._hold_qmp, proc)
@@ -227,7 +232,7 @@ class QemuHypervisor:
         if self.exit_info is None:
             self.exit_info = info
         for path in () if self._detached else (self.config.qmp_socket, self.config.agent_socket,
-                                                self.config.pid_file):
+                                                self.config.pid_file, self.config.state_dir / QEMU_RECORD):
             if path is not None:
                 path.unlink(missing_ok=True)  # QEMU leaves its sockets behind when killed
         if not self.exited.is_set():
@@ -640,10 +645,18 @@ class AdoptedProcess:
     """A QEMU this process did not spawn, watched and signalled through a pidfd (the subset of
     trio.Process that _watch and stop() use). Its exit status goes to its parent: -1 here."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, record: Path | None = None) -> None:
+        """`record`: the process record that must name `pid` (checked after the pidfd is open, so that
+        a pass proves the pidfd is the recorded process). Raises OSError, ValueError (bad record)."""
         self.pid = pid
         self.returncode: int | None = None
         self._fd = os.pidfd_open(pid)
+        if record is not None:
+            try:
+                check_recorded(record, pid)
+            except BaseException:
+                os.close(self._fd)
+                raise
         self._exited = trio.Event()
         self._polling = False  # trio lets one task wait on an fd: the others wait on _exited
 
@@ -669,6 +682,15 @@ class AdoptedProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def _record(state_dir: Path, pid: int) -> None:
+    """Record the QEMU we started (pid + start time) next to its sockets: after a crash of its owner,
+    `delete` (or the pool's successor) kills exactly that process. Raises VmStartError."""
+    try:
+        write_record(state_dir / QEMU_RECORD, pid)
+    except OSError as e:
+        raise VmStartError(f"cannot record QEMU pid {pid} in {state_dir}: {e}") from e
 
 
 def _slot_key(slot: dict[str, Any]) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ import pytest
 
 from vmm.procrecord import (
     ProcRecord,
+    check_recorded,
     format_record,
     identify,
     is_same,
@@ -125,3 +126,16 @@ def test_a_zombie_or_a_gone_process_cannot_be_recorded(tmp_path: Path):
     with pytest.raises(ProcessLookupError):
         write_record(tmp_path / "r", proc.pid)
     assert not (tmp_path / "r").exists()
+
+
+def test_check_names_the_recorded_process_only(tmp_path: Path, sleeper: subprocess.Popen[bytes]):
+    path = tmp_path / "qemu.proc"
+    with pytest.raises(ProcessLookupError):
+        check_recorded(path, sleeper.pid)  # no record
+    record = write_record(path, sleeper.pid)
+    assert check_recorded(path, sleeper.pid) == record
+    with pytest.raises(ProcessLookupError):
+        check_recorded(path, os.getpid())  # another pid
+    path.write_text(format_record(ProcRecord(record.pid, record.start_ticks + 1, record.boot_id)))
+    with pytest.raises(ProcessLookupError):
+        check_recorded(path, sleeper.pid)  # the pid was reused
