@@ -1,12 +1,10 @@
-"""`kata-py`: the operator's command. `env` shows the effective configuration, the accelerator
-choice and the guest image; `template list|build|clear` manages the template cache; `pool` serves
+"""`kata-py`: the operator's command. `check` says whether this host can run kata-py (shim/check/),
+`env` describes the runtime and the host (versions, effective configuration, accelerator, guest image); `template list|build|clear` manages the template cache; `pool` serves
 ready VMs and spare shim daemons (`--size 0 --shims N`: spares only, e.g. on a template-only host)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import time
 
@@ -22,24 +20,29 @@ def _store(config: Config) -> TemplateStore:
     return TemplateStore(config.factory.template_path(), config.factory.template_cache_max_mb * MIB)
 
 
-def cmd_env(config: Config, args: argparse.Namespace) -> int:
+def _config_or_error(args: argparse.Namespace) -> tuple[Config, str]:
+    """check/env report a bad configuration (and go on with the defaults) instead of stopping."""
     try:
-        accel = detect_accel(config.hypervisor.accel)  # type: ignore[arg-type]
-        accel_text = f"{accel.name} ({accel.reason})"
-    except VmmError as exc:
-        accel_text = f"unusable: {exc}"
-    guest = config.guest_dir()
-    manifest = guest / "manifest.json"
-    info = {
-        "config_source": config.source,
-        "config": dataclasses.asdict(config),
-        "accelerator": accel_text,
-        "guest_dir": str(guest.resolve() if guest.exists() else guest),
-        "guest_hash": json.loads(manifest.read_text()).get("hash") if manifest.is_file() else None,
-        "template_dir": str(config.factory.template_path()),
-    }
-    print(json.dumps(info, indent=2))
+        return load_config(args.config), ""
+    except ShimError as exc:
+        return Config(source=args.config or "defaults"), str(exc)
+
+
+def cmd_env(config: Config | None, args: argparse.Namespace) -> int:
+    from .check import run_env
+
+    config, error = _config_or_error(args)
+    sys.stdout.write(run_env(config, error, args.containerd_config, as_json=args.json))
     return 0
+
+
+def cmd_check(config: Config | None, args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    config, error = _config_or_error(args)
+    text, code = run_check(config, error, args.containerd_config, as_json=args.json)
+    sys.stdout.write(text)
+    return code
 
 
 def cmd_template(config: Config, args: argparse.Namespace) -> int:
@@ -105,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kata-py", description="kata-py runtime tools")
     p.add_argument("--config", help="configuration file (default: $KATA_PY_CONFIG, /etc/kata-py/configuration.toml)")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("env", help="show configuration, accelerator choice and guest image").set_defaults(fn=cmd_env)
+    for name, fn, text in (
+            ("check", cmd_check, "can this host run kata-py? one line per check; exit 0 when it can (warnings allowed)"),
+            ("env", cmd_env, "describe the runtime and the host: versions, configuration, accelerator, guest image")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--json", action="store_true", help="machine-readable output (with a format_version)")
+        c.add_argument("--containerd-config", default="/etc/containerd/config.toml", metavar="PATH",
+                       help="containerd's configuration to inspect (default: /etc/containerd/config.toml)")
+        c.set_defaults(fn=fn, own_config=True)
     t = sub.add_parser("template", help="list, build (for the configured VM shape) or clear the template cache")
     t.add_argument("action", choices=("list", "build", "clear"))
     t.set_defaults(fn=cmd_template)
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     pool.add_argument("--shims", type=int, help="spare shim daemons to keep ready (default: [factory] pool_shims)")
     pool.set_defaults(fn=cmd_pool)
     args = p.parse_args(argv)
+    if getattr(args, "own_config", False):  # check/env load it themselves: a bad one is a finding
+        return args.fn(None, args)
     try:
         config = load_config(args.config)
         return args.fn(config, args)
