@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import trio  # noqa: E402
 from google.protobuf.wrappers_pb2 import StringValue  # noqa: E402
 
+from kata_trio import run_sync_abandoning  # noqa: E402
 from tests.interop.gopeer import SERVICE, build_go_peer, go_server  # noqa: E402
 from tests.interop.ttrpc_support import EchoService  # noqa: E402
 from ttrpc import Server, bind_unix_socket, listener_from_socket, open_client  # noqa: E402
@@ -100,7 +101,7 @@ async def serve(socket: str) -> None:
     async with listener, trio.open_nursery() as nursery:
         await nursery.start(server.serve, listener)
         print("READY", flush=True)
-        await trio.to_thread.run_sync(sys.stdin.read, cancellable=True)  # until the parent closes it
+        await run_sync_abandoning(sys.stdin.read)  # until the parent closes it
         nursery.cancel_scope.cancel()
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from kata_trio import open_nursery_unwrapped
 from vmm.accel import AccelChoice, detect_accel
 from vmm.cmdline import AGENT_CHARDEV_ID, AGENT_PORT_ID, VIRTIO_MEM_ID, build_argv, root_port_ids
 from vmm.config import MEMORY_BLOCK_MIB, SerialChannel, VmConfig
@@ -165,7 +166,7 @@ class QemuHypervisor:
         try:
             if not isinstance(proc, AdoptedProcess):  # an adopted one came with its record (checked)
                 _record(self.config.state_dir, proc.pid)
-            async with trio.open_nursery() as inner:
+            async with open_nursery_unwrapped() as inner:  # VmStartError comes out bare
                 with self._start_scope:
                     self._qmp = await inner.start(self._hold_qmp, proc)
                 if self._start_scope.cancelled_caught:

@@ -27,6 +27,7 @@ import trio
 import trio_asyncio
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 
+from kata_trio import unwrap_single
 from vmm.errors import QmpDisconnected, QmpError, QmpTimeout
 
 DEFAULT_COMMAND_TIMEOUT = 30.0
@@ -212,27 +213,29 @@ async def open_qmp(
     and the link watcher. Raises QmpDisconnected if the session cannot be set up in time.
     """
     name = "fd" if isinstance(target, socket.socket) else os.fspath(target)
-    async with trio_asyncio.open_loop() as loop:
-        raw = QMPClient("vmm")
-        try:
-            with trio.fail_after(connect_timeout):
-                sock = target if isinstance(target, socket.socket) else await _connect_when_listening(name)
-                await trio_asyncio.aio_as_trio(raw.connect, loop=loop)(sock)
-        except (trio.TooSlowError, QMPError, OSError) as e:
-            if isinstance(target, socket.socket):
-                target.close()
-            raise QmpDisconnected(f"cannot connect to QMP at {name}: {e!r}") from e
-        client = QmpClient(raw, loop)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._pump_events)
-                nursery.start_soon(client._watch_link)
-                try:
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            await client.aclose()
+    # the loop and the nursery would wrap every error (ours and the body's) in a group of one
+    with unwrap_single():
+        async with trio_asyncio.open_loop() as loop:
+            raw = QMPClient("vmm")
+            try:
+                with trio.fail_after(connect_timeout):
+                    sock = target if isinstance(target, socket.socket) else await _connect_when_listening(name)
+                    await trio_asyncio.aio_as_trio(raw.connect, loop=loop)(sock)
+            except (trio.TooSlowError, QMPError, OSError) as e:
+                if isinstance(target, socket.socket):
+                    target.close()
+                raise QmpDisconnected(f"cannot connect to QMP at {name}: {e!r}") from e
+            client = QmpClient(raw, loop)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client._pump_events)
+                    nursery.start_soon(client._watch_link)
+                    try:
+                        yield client
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                await client.aclose()
 
 
 

@@ -100,3 +100,10 @@ async def test_timeout_and_pending_calls_fail_on_kill(qemu, qmp: QmpClient) -> N
 async def test_connect_timeout_when_nobody_listens() -> None:
     with pytest.raises(QmpDisconnected, match="cannot connect"):
         await open_qmp("/tmp/kp-qmp-nonexistent.sock", connect_timeout=0.1).__aenter__()
+
+
+async def test_an_error_in_the_session_body_comes_out_bare(qemu) -> None:
+    # open_qmp's loop and nursery must not hand callers a group of one (trio >= 0.25 nurseries would)
+    with pytest.raises(QmpError, match="nope"):
+        async with open_qmp(qemu[1]) as client:
+            await client.execute("device_del", {"id": "nope"})

@@ -129,11 +129,15 @@ async def test_injected_failure_hang_and_close(agent: FakeAgent) -> None:
     agent.script("c1", exit_code=None)
     await agent.create_container("c1", {}, ROOTFS)
     await agent.start_container("c1")
-    with pytest.raises(AgentUnavailable):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent.wait_process, "c1", "")
-            await trio.sleep(0.01)
-            await agent.aclose()  # like a dead channel: the blocked wait fails
+
+    async def close_soon() -> None:
+        await trio.sleep(0.01)
+        await agent.aclose()  # like a dead channel: the blocked wait fails
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_soon)
+        with pytest.raises(AgentUnavailable):
+            await agent.wait_process("c1", "")
 
 
 async def test_oom_events_and_resources(agent: FakeAgent) -> None:
