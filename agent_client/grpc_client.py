@@ -1,11 +1,18 @@
 """`GrpcAgent`: the `Agent` interface over the generated grpc stubs, and `connect_agent`.
 
 This is the only module that sees agent wire types. grpc.aio is asyncio-bound, so each call starts on
-the sync stub as a future/iterator and waits for it in a worker thread
-(`trio.to_thread.run_sync(cancellable=True)`, trio 0.22's name for abandon_on_cancel). When the trio
-scope is cancelled we call `call.cancel()`, which wakes that thread at once, so no thread outlives the
-call it served. Unary calls carry a `timeout=` from `Deadlines`; WaitProcess and the output/OOM streams
-have none (they block for as long as the process lives) but are cancellable.
+the sync stub as a future/iterator and waits for it in a worker thread (`trio.to_thread.run_sync` with
+abandon_on_cancel). When the trio scope is cancelled we call `call.cancel()`, which wakes that thread
+at once, so no thread outlives the call it served. Unary calls carry a `timeout=` from `Deadlines`;
+WaitProcess and the output/OOM streams have none (they block for as long as the process lives) but are
+cancellable.
+
+Two thread pools, so that blocked calls can never starve the ones that end them: control calls (every
+unary RPC but WaitProcess: each has a deadline, so a full pool only makes the next one wait briefly)
+and long-lived calls (WaitProcess and the streams: one wait + stdout + stderr per live process). The
+long-lived ones are counted from the call's start to its end; when all their slots are taken a new one
+fails at once with AgentUnavailable ("too many live processes"), never a hang, and CreateContainer /
+ExecProcess refuse a process whose three calls would not fit. Kill, Delete and the rest keep working.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from agent_client.protocol import (
     Storage,
 )
 from agent_client.transport import Transport
+from kata_trio import run_sync_abandoning
 from protos.agent.v1 import agent_pb2 as pb
 from protos.agent.v1 import agent_pb2_grpc
 
@@ -55,7 +63,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _EOF = object()
 _MAX_MESSAGE_CHARS = 1024  # an agent error message longer than this is truncated
-DEFAULT_MAX_THREADS = 1024  # wait + stdout + stderr per process, for hundreds of processes
+# The guest agent serves at most 128 RPCs at once (agent/server.py MAX_WORKERS; more queue there behind
+# blocked ones): together these never exceed it, so a control RPC never waits behind streams in the
+# guest either.
+DEFAULT_CONTROL_THREADS = 32
+DEFAULT_LONG_LIVED_CALLS = 96  # wait + stdout + stderr per live process (2 with a tty), + the OOM stream
+CALLS_PER_PROCESS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +171,7 @@ class _Stream(Generic[T]):
     """Async iterator over a server-streaming call; `aclose()` (or cancellation) cancels the call."""
 
     def __init__(self, agent: GrpcAgent, method: str, call: Any, convert: Callable[[Any], T | None]) -> None:
+        """Takes over one of `agent._long_lived` slots (taken by the caller), given back when it ends."""
         self._agent = agent
         self._method = method
         self._call = call
@@ -171,7 +185,8 @@ class _Stream(Generic[T]):
     async def __anext__(self) -> T:
         while not self._done:
             try:
-                msg = await self._agent._wait(self._method, self._call, lambda: next(self._call, _EOF))
+                msg = await self._agent._wait(self._method, self._call, lambda: next(self._call, _EOF),
+                                              self._agent._long_lived_threads)
                 if msg is _EOF:
                     break
                 value = self._convert(msg)
@@ -184,6 +199,8 @@ class _Stream(Generic[T]):
         raise StopAsyncIteration
 
     def _finish(self) -> None:
+        if not self._done:
+            self._agent._long_lived.give_back()
         self._done = True
         self._call.cancel()
         self._agent._calls.discard(self._call)
@@ -194,7 +211,9 @@ class _Stream(Generic[T]):
     def __del__(self) -> None:
         # A consumer that breaks out without aclose() must not leave the guest streaming forever.
         if not self._done:
+            self._done = True
             self._call.cancel()
+            self._agent._long_lived.give_back()
 
 
 class _ThreadLimiter:
@@ -227,6 +246,37 @@ class _ThreadLimiter:
         await self._idle.wait()
 
 
+class _Slots:
+    """Counts the long-lived calls in flight (from the call's start to its end, not only while a thread
+    waits on it); full means a clear error, never a wait: such calls may never end."""
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("need at least one long-lived call slot")
+        self.total = total
+        self.in_use = 0
+
+    @property
+    def free(self) -> int:
+        return self.total - self.in_use
+
+    def full_error(self, method: str, needed: int = 1) -> AgentUnavailable:
+        return AgentUnavailable(
+            f"too many live processes: {self.in_use} of {self.total} waits/streams in use "
+            f"(a process needs {CALLS_PER_PROCESS}), {needed} more refused",
+            method=method,
+        )
+
+    def take(self, method: str) -> None:
+        """Raises AgentUnavailable when every slot is in use."""
+        if self.in_use >= self.total:
+            raise self.full_error(method)
+        self.in_use += 1
+
+    def give_back(self) -> None:
+        self.in_use -= 1
+
+
 class GrpcAgent:
     """`Agent` over a grpc channel. Use `connect_agent()` to get one that has answered a health check."""
 
@@ -235,26 +285,43 @@ class GrpcAgent:
         channel: grpc.Channel,
         *,
         deadlines: Deadlines = Deadlines(),
-        max_threads: int = DEFAULT_MAX_THREADS,
+        control_threads: int = DEFAULT_CONTROL_THREADS,
+        long_lived_calls: int = DEFAULT_LONG_LIVED_CALLS,
         transport: Transport | None = None,
     ) -> None:
         self._channel = channel
         self._stub = agent_pb2_grpc.AgentStub(channel)
         self._deadlines = deadlines
         self._transport = transport
-        # Dedicated: blocked waits and streams must not starve trio's default limiter (40 threads).
-        self.limiter = _ThreadLimiter(max_threads)
+        # Our own limiters, not trio's default one (40 threads, shared with the rest of the shim).
+        self._control_threads = _ThreadLimiter(control_threads)
+        self._long_lived = _Slots(long_lived_calls)
+        # one thread per slot at most; a token outlives its slot only while an abandoned thread ends
+        self._long_lived_threads = _ThreadLimiter(long_lived_calls)
         self._calls: set[Any] = set()  # grpc calls in flight, cancelled by aclose()
         self._closed = False
 
+    @property
+    def threads_in_use(self) -> int:
+        """Worker threads of ours still alive (control and long-lived)."""
+        return self._control_threads.borrowed_tokens + self._long_lived_threads.borrowed_tokens
+
+    @property
+    def long_lived_in_use(self) -> int:
+        """Waits and streams in flight."""
+        return self._long_lived.in_use
+
+    async def wait_threads_idle(self) -> None:
+        """Return once no worker thread of ours is alive."""
+        await self._control_threads.wait_idle()
+        await self._long_lived_threads.wait_idle()
+
     # --- plumbing ---
 
-    async def _wait(self, method: str, call: Any, blocking: Callable[[], T]) -> T:
+    async def _wait(self, method: str, call: Any, blocking: Callable[[], T], limiter: _ThreadLimiter) -> T:
         """Run `blocking` (which waits on `call`) in a worker thread; map grpc errors."""
         try:
-            return await trio.to_thread.run_sync(
-                blocking, cancellable=True, limiter=self.limiter, thread_name=f"agent {method}"
-            )
+            return await run_sync_abandoning(blocking, limiter=limiter, thread_name=f"agent {method}")
         except grpc.RpcError as exc:
             raise _rpc_error(method, exc) from None
         except grpc.FutureCancelledError:
@@ -264,19 +331,47 @@ class GrpcAgent:
             raise
 
     async def _unary(self, method: str, request: Any, timeout: float | None, **kwargs: Any) -> Any:
+        """A control call: it has a deadline, so its thread always ends."""
         if self._closed:
             raise AgentUnavailable("agent client closed", method=method)
         future = getattr(self._stub, method).future(request, timeout=timeout, **kwargs)
         self._calls.add(future)
         try:
-            return await self._wait(method, future, future.result)
+            return await self._wait(method, future, future.result, self._control_threads)
         finally:
             self._calls.discard(future)
+
+    async def _long_unary(self, method: str, request: Any) -> Any:
+        """A unary call without a deadline (WaitProcess), in a long-lived slot."""
+        if self._closed:
+            raise AgentUnavailable("agent client closed", method=method)
+        self._long_lived.take(method)
+        try:
+            future = getattr(self._stub, method).future(request)
+            self._calls.add(future)
+            try:
+                return await self._wait(method, future, future.result, self._long_lived_threads)
+            finally:
+                self._calls.discard(future)
+        finally:
+            self._long_lived.give_back()
 
     def _stream(self, method: str, request: Any, convert: Callable[[Any], T | None]) -> _Stream[T]:
         if self._closed:
             raise AgentUnavailable("agent client closed", method=method)
-        return _Stream(self, method, getattr(self._stub, method)(request), convert)
+        self._long_lived.take(method)
+        try:
+            call = getattr(self._stub, method)(request)
+        except BaseException:
+            self._long_lived.give_back()
+            raise
+        return _Stream(self, method, call, convert)
+
+    def _admit_process(self, method: str) -> None:
+        """Refuse a new process up front when its wait and streams would not fit (rather than start
+        it and lose its output or exit status later). Raises AgentUnavailable."""
+        if self._long_lived.free < CALLS_PER_PROCESS:
+            raise self._long_lived.full_error(method, CALLS_PER_PROCESS)
 
     async def aclose(self) -> None:
         """Cancel every call in flight, close the channel and transport, and wait (up to 5 s) until no
@@ -290,7 +385,7 @@ class GrpcAgent:
         if self._transport is not None:
             self._transport.close()
         with trio.move_on_after(5):
-            await self.limiter.wait_idle()
+            await self.wait_threads_idle()
 
     # --- sandbox ---
 
@@ -342,6 +437,7 @@ class GrpcAgent:
         terminal: bool = False,
         stdin: bool = False,
     ) -> int:
+        self._admit_process("CreateContainer")
         req = pb.CreateContainerRequest(
             container_id=cid,
             oci_spec_json=_json(oci_spec),
@@ -402,6 +498,7 @@ class GrpcAgent:
     async def exec_process(
         self, cid: str, exec_id: str, process: Mapping[str, Any], terminal: bool = False, stdin: bool = False
     ) -> int:
+        self._admit_process("ExecProcess")
         req = pb.ExecProcessRequest(
             container_id=cid, exec_id=exec_id, process_json=_json(process), terminal=terminal, stdin=stdin
         )
@@ -414,7 +511,7 @@ class GrpcAgent:
 
     async def wait_process(self, cid: str, exec_id: str) -> int:
         # No deadline: it returns when the process exits, which may be never; trio cancellation ends it.
-        r = await self._unary("WaitProcess", pb.ProcessRequest(container_id=cid, exec_id=exec_id), None)
+        r = await self._long_unary("WaitProcess", pb.ProcessRequest(container_id=cid, exec_id=exec_id))
         return validate.exit_status(r.status, f"{cid}/{exec_id}")
 
     async def write_stdin(self, cid: str, exec_id: str, data: bytes) -> int:
@@ -506,7 +603,8 @@ async def connect_agent(
     *,
     attempt_timeout: float = 1.0,
     deadlines: Deadlines = Deadlines(),
-    max_threads: int = DEFAULT_MAX_THREADS,
+    control_threads: int = DEFAULT_CONTROL_THREADS,
+    long_lived_calls: int = DEFAULT_LONG_LIVED_CALLS,
 ) -> GrpcAgent:
     """Open `transport` and retry the health Check until the agent is SERVING.
 
@@ -524,7 +622,8 @@ async def connect_agent(
     except OSError as exc:
         transport.close()
         raise AgentUnavailable(f"cannot open {what}: {exc}", method="Check") from exc
-    agent = GrpcAgent(channel, deadlines=deadlines, max_threads=max_threads, transport=transport)
+    agent = GrpcAgent(channel, deadlines=deadlines, control_threads=control_threads,
+                      long_lived_calls=long_lived_calls, transport=transport)
     start = trio.current_time()
     attempts, backoff, last = 0, 0.05, "no attempt made"
     try:

@@ -104,6 +104,18 @@ class ScriptedAgent(agent_pb2_grpc.AgentServicer):
         self._block_until(self.exited, context)
         return pb.WaitProcessResponse(status=self.wait_status)
 
+    def ExecProcess(self, request, context):
+        self._record("ExecProcess", request, context)
+        return pb.CreateContainerResponse(pid=self.create_pid)
+
+    def SignalProcess(self, request, context):
+        self._record("SignalProcess", request, context)
+        return empty_pb2.Empty()
+
+    def RemoveContainer(self, request, context):
+        self._record("RemoveContainer", request, context)
+        return empty_pb2.Empty()
+
     def WriteStdin(self, request, context):
         self._record("WriteStdin", request, context)
         return pb.WriteStdinResponse(len=len(request.data) if self.write_len is None else self.write_len)
@@ -113,6 +125,11 @@ class ScriptedAgent(agent_pb2_grpc.AgentServicer):
         for chunk in self.stdout_chunks:
             yield pb.OutputChunk(data=chunk)
         self._block_until(self.stdout_eof, context)
+
+    def ReadStderr(self, request, context):
+        self._record("ReadStderr", request, context)
+        self._block_until(self.stdout_eof, context)
+        yield from ()
 
     def GetOOMEvents(self, request, context):
         self._record("GetOOMEvents", request, context)
@@ -177,7 +194,7 @@ async def agent(server: AgentServer) -> AsyncIterator[GrpcAgent]:
         yield a
     finally:
         await a.aclose()
-        assert a.limiter.borrowed_tokens == 0, "a worker thread outlived aclose()"
+        assert a.threads_in_use == 0, "a worker thread outlived aclose()"
 
 
 async def wait_server_idle(servicer: ScriptedAgent) -> None:
@@ -266,12 +283,13 @@ async def test_cancelling_a_blocked_wait_returns_at_once_and_frees_the_thread(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.wait_process, "c1", "")
         await blocked(server.servicer)
-        assert agent.limiter.borrowed_tokens == 1
+        assert (agent.threads_in_use, agent.long_lived_in_use) == (1, 1)
         start = trio.current_time()
         nursery.cancel_scope.cancel()
     assert trio.current_time() - start < 0.5
     with trio.fail_after(QUICK):
-        await agent.limiter.wait_idle()
+        await agent.wait_threads_idle()
+    assert agent.long_lived_in_use == 0
     await wait_server_idle(server.servicer)
     assert await agent.check() is True  # the channel is still good for other calls
 
@@ -284,7 +302,7 @@ async def test_cancelling_a_stream_frees_thread_and_server(agent: GrpcAgent, ser
     assert scope.cancelled_caught
     assert b"".join(got) == b"hello world\n"
     with trio.fail_after(QUICK):
-        await agent.limiter.wait_idle()
+        await agent.wait_threads_idle()
     await wait_server_idle(server.servicer)
 
 
@@ -304,11 +322,61 @@ async def test_aclose_ends_blocked_calls_with_unavailable(server: AgentServer) -
         with trio.fail_after(QUICK):
             await a.aclose()
     assert len(errors) == 1
-    assert a.limiter.borrowed_tokens == 0
+    assert a.threads_in_use == 0
     assert not bridge_threads()
     with pytest.raises(AgentUnavailable, match="closed"):
         await a.check()
     await a.aclose()  # idempotent
+
+
+# --- thread pools: blocked waits and streams never starve control calls ---
+
+
+async def test_full_long_lived_pool_fails_fast_and_control_calls_still_run(server: AgentServer) -> None:
+    a = await connect_agent(SerialTransport(server.path), trio.current_time() + 5, control_threads=2,
+                            long_lived_calls=4)
+    try:
+        async with trio.open_nursery() as nursery:
+            # every long-lived slot taken: two waits and two output streams of "live processes"
+            for _ in range(2):
+                nursery.start_soon(a.wait_process, "c1", "")
+            streams = [a.read_stdout("c1", ""), a.read_stderr("c1", "")]
+            for _ in range(4):
+                await blocked(server.servicer)
+            assert a.long_lived_in_use == 4
+            with trio.fail_after(QUICK):
+                with pytest.raises(AgentUnavailable, match="too many live processes: 4 of 4"):
+                    await a.wait_process("c1", "")
+                with pytest.raises(AgentUnavailable, match="too many live processes"):
+                    a.read_stdout("c2", "")
+                with pytest.raises(AgentUnavailable, match="too many live processes"):
+                    await a.exec_process("c1", "e1", {"args": ["true"]})
+                assert not any(name == "ExecProcess" for name, _ in server.servicer.requests)
+                # what ends them still runs, more of them at once than the control pool has threads
+                async with trio.open_nursery() as kills:
+                    for _ in range(5):
+                        kills.start_soon(a.signal_process, "c1", "", 9)
+                await a.remove_container("c1", timeout=1)
+                assert a.long_lived_in_use == 4
+            for stream in streams:
+                await stream.aclose()  # type: ignore[attr-defined]
+            assert a.long_lived_in_use == 2
+            server.servicer.exited.set()  # the waits end by themselves
+        assert a.long_lived_in_use == 0
+        assert await a.exec_process("c1", "e2", {"args": ["true"]}) == 42  # room again
+    finally:
+        await a.aclose()
+    assert a.threads_in_use == 0
+    assert [name for name, _ in server.servicer.requests].count("SignalProcess") == 5
+
+
+async def test_a_stream_dropped_without_aclose_gives_its_slot_back(agent: GrpcAgent, server: AgentServer) -> None:
+    stream = agent.read_stdout("c1", "")
+    assert agent.long_lived_in_use == 1
+    assert await stream.__anext__() == b"hello "
+    del stream  # the consumer forgot it: the guest must not stream on, the slot must come back
+    assert agent.long_lived_in_use == 0
+    await wait_server_idle(server.servicer)
 
 
 # --- connect_agent ---
