@@ -11,6 +11,8 @@ from typing import TypeVar
 import trio
 from google.protobuf.message import DecodeError, Message
 
+from kata_trio import open_nursery_unwrapped
+
 from .codec import (
     FrameDecoder,
     MessageType,
@@ -169,7 +171,7 @@ async def open_client(path: str) -> AsyncIterator[Client]:
 @asynccontextmanager
 async def open_client_on_stream(stream: trio.abc.Stream) -> AsyncIterator[Client]:
     client = Client(stream)
-    async with trio.open_nursery() as nursery:
+    async with open_nursery_unwrapped() as nursery:  # the body's StatusError etc. come out bare
         nursery.start_soon(client.receive_loop)
         try:
             yield client

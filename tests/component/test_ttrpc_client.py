@@ -213,3 +213,12 @@ async def test_timeout_while_waiting_to_send_keeps_the_connection() -> None:
             assert not client.is_closed
             frame = await peer.receive_frame()
             await peer.send(encode_frame(frame.stream_id, MessageType.RESPONSE, ok("first")))
+
+
+async def test_an_error_in_the_client_body_comes_out_bare() -> None:
+    # callers catch ttrpc errors around `async with open_client(...)` (the event publisher does):
+    # the client's nursery must not turn them into a group of one (trio >= 0.25 nurseries would)
+    client_stream, _ = trio.testing.memory_stream_pair()
+    with trio.fail_after(TIMEOUT), pytest.raises(StatusError, match="refused"):
+        async with open_client_on_stream(client_stream):
+            raise StatusError("refused", Code.PERMISSION_DENIED)
