@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from kata_trio import open_nursery_unwrapped
 from vmm.accel import AccelChoice
 from vmm.config import NinePShare, RamFile, SerialChannel, VmConfig
 from vmm.errors import VmNotRunning
@@ -64,7 +65,7 @@ async def build_template(store: TemplateStore, key: str, cfg: VmConfig, accel: A
     vm = QemuHypervisor(template_vm_config(cfg, work_dir, staging / RAM_FILE), accel=accel,
                         start_timeout=QEMU_START_TIMEOUT)
     try:
-        async with trio.open_nursery() as nursery:  # holds the template VM's watcher
+        async with open_nursery_unwrapped() as nursery:  # holds the template VM's watcher; errors bare
             try:
                 with trio.fail_after(timeout):
                     await vm.start(nursery)
