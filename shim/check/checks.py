@@ -242,7 +242,7 @@ def check_containerd(f: HostFacts) -> CheckResult:
                            f"apt-get install containerd (>= {parse.format_version(MIN_CONTAINERD)})")
     if not c.version_line:
         return CheckResult("containerd", FAIL, f"{c.path} --version failed: {c.error}", "reinstall containerd")
-    running = f"running, pid {c.pid}" if c.pid else "not running"
+    running = f"running, pid {c.pid}" if c.pid else "none running with this config"
     version = parse.parse_version(c.version_line)
     if version is None:
         return CheckResult("containerd", WARN, f"{c.path}: cannot read a version in {c.version_line!r} ({running})",
@@ -274,6 +274,11 @@ def check_containerd_config(f: HostFacts) -> CheckResult:
                            "write it as version 2 (packaging/containerd/kata-py.toml)")
     where = f"{cc.path} (version {cc.version}" + (f", {len(cc.files) - 1} import(s))" if len(cc.files) > 1 else ")")
     good = _good_runtimes(f)
+    cri = parse.CRI_PLUGIN[cc.version]
+    if cri in cc.disabled_plugins:
+        return CheckResult(name, WARN, f"{where} disables the CRI plugin ({cri}): Kubernetes cannot use this "
+                           f"containerd; `ctr run --runtime {parse.RUNTIME_TYPE}` works",
+                           f"remove {cri!r} from disabled_plugins and add the kata-py runtime, if CRI is wanted")
     if not good:
         ignored = "".join(f"; runtime {r.name!r} in {r.file} sits under plugins.{r.plugin!r}, which a version "
                           f"{cc.version} config does not read" for r in cc.runtimes)

@@ -80,6 +80,7 @@ class ContainerdConfigFacts:
     error: str = ""  # unreadable or bad TOML (containerd would not start)
     files: tuple[str, ...] = ()  # the file and its imports
     runtimes: tuple[KataRuntime, ...] = ()
+    disabled_plugins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

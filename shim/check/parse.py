@@ -143,5 +143,16 @@ def kata_runtimes(doc: dict[str, Any], file: str) -> list[KataRuntime]:
     return found
 
 
+def containerd_config_arg(args: list[str]) -> str:
+    """The `--config`/`-c` value of a containerd command line ("" when it names none)."""
+    for i, a in enumerate(args):
+        for flag in ("--config", "-config", "-c"):
+            if a == flag and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(flag + "="):
+                return a[len(flag) + 1:]
+    return ""
+
+
 def path_entries(path_var: str) -> list[str]:
     return [d for d in path_var.split(":") if d]

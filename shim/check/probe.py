@@ -167,12 +167,12 @@ class Probe:
         return _template_facts(self.config, Path(guest.resolved), accel, root)
 
     def containerd(self) -> ContainerdFacts:
-        pid, exe, env_path = _running_containerd()
+        pid, exe, env_path = _running_containerd(self.containerd_config_path)
         path = exe or shutil.which("containerd", path=self.environ.get("PATH"))
         if env_path is not None:
             search, source = env_path, f"PATH of containerd pid {pid}"
         else:
-            search, source = SERVICE_PATH, "systemd's service PATH (no containerd running)"
+            search, source = SERVICE_PATH, "systemd's service PATH (no containerd running with this config)"
         if path is None:
             return ContainerdFacts(path=None, error="not found on PATH", pid=pid, search_path=search,
                                    path_source=source)
@@ -202,8 +202,9 @@ class Probe:
                 files.append(imported)
                 runtimes += parse.kata_runtimes(sub, imported)
         runtimes = [_with_files_checked(r) for r in runtimes]
+        disabled = doc.get("disabled_plugins") if isinstance(doc.get("disabled_plugins"), list) else []
         return ContainerdConfigFacts(path=path, exists=True, version=parse.config_version(doc), files=tuple(files),
-                                     runtimes=tuple(runtimes))
+                                     runtimes=tuple(runtimes), disabled_plugins=tuple(map(str, disabled)))
 
     def shim_binary(self, containerd: ContainerdFacts | ProbeFailed) -> ShimBinaryFacts:
         name = parse.SHIM_BINARY
@@ -296,13 +297,18 @@ def _template_facts(config: Config, guest: Path, accel: AccelChoice, root: Path)
     return TemplateFacts(enabled=True, root=str(root), key=key, status="valid", meta=template.meta)
 
 
-def _running_containerd() -> tuple[int | None, str | None, str | None]:
-    """(pid, binary, PATH) of a running containerd, or Nones. Its PATH is what it finds shims on."""
+def _running_containerd(config_path: str) -> tuple[int | None, str | None, str | None]:
+    """(pid, binary, PATH) of the running containerd that reads `config_path`, or Nones. Its PATH is
+    what it finds shims on; other containerds (private test instances) are not the one we check."""
+    want = os.path.realpath(config_path)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             if Path(entry.path, "comm").read_text().strip() != "containerd":
+                continue
+            argv = [a.decode(errors="replace") for a in Path(entry.path, "cmdline").read_bytes().split(b"\0")]
+            if os.path.realpath(parse.containerd_config_arg(argv[1:]) or DEFAULT_CONTAINERD_CONFIG) != want:
                 continue
             exe = os.readlink(os.path.join(entry.path, "exe"))
             env = Path(entry.path, "environ").read_bytes().split(b"\0")

@@ -209,6 +209,11 @@ def test_containerd_config_without_kata_py_only_warns_since_ctr_still_works() ->
     assert r.status == WARN and "no /etc/containerd/config.toml" in r.found
 
 
+def test_a_containerd_without_cri_is_named() -> None:
+    r = result(healthy(containerd_config=cc(disabled_plugins=("io.containerd.grpc.v1.cri",))), "containerd-config")
+    assert r.status == WARN and "disables the CRI plugin" in r.found
+
+
 def test_containerd_config_that_does_not_parse_fails() -> None:
     r = result(healthy(containerd_config=cc(error="Expected '=' (line 3)")), "containerd-config")
     assert r.status == FAIL and "will not start" in r.found
@@ -388,6 +393,14 @@ imports = ["config.d/*.toml", "/abs/x.toml"]
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.vm.options]
     configpath = "/etc/kata-py/vm.toml"
 """
+
+
+@pytest.mark.parametrize(("args", "path"), [
+    ([], ""), (["--config", "/tmp/c.toml"], "/tmp/c.toml"), (["-c", "/x"], "/x"), (["--config=/y", "-l", "debug"], "/y"),
+    (["--log-level", "debug"], ""),
+])
+def test_the_config_a_containerd_command_line_names(args: list[str], path: str) -> None:
+    assert parse.containerd_config_arg(args) == path
 
 
 def test_kata_runtimes_and_imports_of_a_containerd_config() -> None:
