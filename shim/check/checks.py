@@ -128,28 +128,33 @@ def check_kvm(f: HostFacts) -> CheckResult:
     k: KvmFacts = f.kvm
     seen = _kvm_seen(k)
     auto = choose_accel("auto", k.probe)  # vmm.accel's own verdict on this KVM
+    fix = KVM_FIX
+    if not k.probe.opens and "Permission denied" in k.probe.error:
+        fix = "run as root (or give this user /dev/kvm, e.g. the kvm group)"
     if k.requested == "tcg":
         usable = auto.name == "kvm" and k.create_vm_error is None
-        return CheckResult("kvm", WARN, f"TCG (configured: accel = \"tcg\"; {seen}): {TCG_COST}",
-                           'set [hypervisor] accel = "auto": KVM is usable' if usable else KVM_FIX)
+        return CheckResult("kvm", WARN, f"TCG (configured: accel = \"tcg\"{'; ' + seen if seen else ''}): {TCG_COST}",
+                           'set [hypervisor] accel = "auto": KVM is usable' if usable else fix)
     try:
         choice = choose_accel(k.requested, k.probe)  # type: ignore[arg-type]  # exactly the shim's decision
     except AccelUnavailable as exc:
-        return CheckResult("kvm", FAIL, f"{exc} ({seen})",
-                           f'set [hypervisor] accel = "auto" (TCG fallback) or fix KVM: {KVM_FIX}')
+        return CheckResult("kvm", FAIL, f"{exc}" + (f" ({seen})" if seen else ""),
+                           f'set [hypervisor] accel = "auto" (TCG fallback) or fix KVM: {fix}')
     if choice.name == "kvm":
         if k.create_vm_error:
             return CheckResult("kvm", FAIL, f"KVM_CREATE_VM failed ({k.create_vm_error}), yet the shim chooses KVM "
                                f"(it asks only for the API version): QEMU will fail ({seen})",
                                f'set [hypervisor] accel = "tcg", or fix KVM: {KVM_FIX}')
         return CheckResult("kvm", OK, f"KVM ({seen})")
-    return CheckResult("kvm", WARN, f"TCG fallback: {choice.reason} ({seen}); {TCG_COST}", KVM_FIX)
+    return CheckResult("kvm", WARN, f"TCG fallback: {choice.reason}" + (f" ({seen})" if seen else "") +
+                       f"; {TCG_COST}", fix)
 
 
 def _kvm_seen(k: KvmFacts) -> str:
+    """What the probe saw beyond vmm.accel's reason (which already says when /dev/kvm does not open)."""
     p = k.probe
     if not p.opens:
-        parts = [f"/dev/kvm does not open: {p.error or 'unknown error'}"]
+        parts = []
     else:
         parts = ["/dev/kvm opens", f"API version {p.api_version}" if p.api_version is not None else p.error]
         if p.api_version == KVM_API_VERSION:
@@ -162,7 +167,7 @@ def _kvm_seen(k: KvmFacts) -> str:
 
 def check_vsock(f: HostFacts) -> CheckResult:
     if isinstance(f.vsock, ProbeFailed):
-        return _probe_failed("vsock", f.vsock)
+        return _probe_failed("vsock", f.vsock, f)
     v: VsockFacts = f.vsock
     if v.exists:
         return CheckResult("vsock", OK, f"{v.device}: the agent channel is vsock (VM templates are not used: "
@@ -364,7 +369,7 @@ def check_dir(d: DirFacts | ProbeFailed, f: HostFacts) -> CheckResult:
         return _probe_failed("dir", d)
     state = d.role == "state-dir"
     bad = FAIL if state else WARN  # without a cache pods still run (cold, from an existing guest)
-    what = {"state-dir": "[runtime] state_dir", "guest-cache": "the guest build cache",
+    what = {"state-dir": "[runtime] state_dir", "guest-cache": "$KATA_PY_GUEST_CACHE",
             "template-cache": "[factory] template_dir"}.get(d.role, d.role)
     if d.error:
         return CheckResult(d.role, bad, f"{d.path}: {d.error}", f"remove it or set {what} elsewhere")

@@ -1,7 +1,8 @@
 """The I/O half of `kata-py check` / `kata-py env`: look at the host and record facts.
 
 Every part is guarded: a probe that raises becomes a ProbeFailed its check reports, so one odd host
-detail never kills the report. Nothing here changes the host (KVM_CREATE_VM's VM is closed at once,
+detail never kills the report. Modules beyond the standard library, vmm.accel and the configuration
+are imported inside the probes that need them: a broken install is a finding, not a traceback. Nothing here changes the host (KVM_CREATE_VM's VM is closed at once,
 a template is validated, never removed). Slow parts (the two `--version` runs) run in threads.
 """
 
@@ -22,7 +23,6 @@ from glob import glob
 from pathlib import Path
 from typing import TypeVar
 
-from agent_client.transport import VSOCK_DEVICE
 from vmm.accel import KVM_API_VERSION, AccelChoice, choose_accel, probe_kvm
 
 from ..config import DEFAULT_GUEST_CACHE, Config
@@ -115,6 +115,8 @@ class Probe:
         return KvmFacts(requested=self.config.hypervisor.accel, probe=probe, create_vm_error=create_error)
 
     def vsock(self) -> VsockFacts:
+        from agent_client.transport import VSOCK_DEVICE  # imports grpc: a missing grpc is shim-code's finding
+
         return VsockFacts(device=VSOCK_DEVICE, exists=os.path.exists(VSOCK_DEVICE))
 
     def qemu(self) -> QemuFacts:

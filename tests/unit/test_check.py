@@ -109,6 +109,9 @@ def test_no_kvm_device_is_a_warning_not_a_failure() -> None:
     probe = KvmProbe(opens=False, api_version=None, pvm=False, error="No such file or directory")
     r = result(healthy(kvm=KvmFacts("auto", probe, "")), "kvm")
     assert r.status == WARN and "No such file" in r.found and "KVM_CREATE_VM" not in r.found
+    assert r.found.count("No such file") == 1 and "VT-x" in r.fix
+    denied = KvmProbe(opens=False, api_version=None, pvm=False, error="[Errno 13] Permission denied: '/dev/kvm'")
+    assert "kvm group" in result(healthy(kvm=KvmFacts("auto", denied, "")), "kvm").fix
 
 
 def test_kvm_requested_on_a_pvm_host_fails_and_names_the_fallback() -> None:
