@@ -2,8 +2,10 @@
 
 A spare is a `python -m shim -spare <socket>` process that has imported the daemon's code and waits
 on its own socket in `<pool dir>/spares/`. `take()` gives its socket to one `start` and forgets it:
-from then on it is that pod's daemon (it stays our child only for reaping). When the pool stops, the
-spares nobody took are terminated; a spare whose pool is gone exits by itself (it watches its parent).
+from then on it is that pod's daemon (it stays our child only for reaping, by a task in the nursery
+`run()` holds: while the pool runs it reaps them; after, whoever inherits them does). When the pool
+stops, the spares nobody took are terminated; a spare whose pool is gone exits by itself (it watches
+its parent).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import subprocess
 from pathlib import Path
 
 import trio
+
+from kata_trio import open_nursery_unwrapped
 
 from ..spare import spare_argv
 
@@ -31,6 +35,7 @@ class SpareShims:
         self.ready: list[tuple[trio.Process, Path]] = []
         self._wanted = trio.Event()
         self._counter = 0
+        self._reapers: trio.Nursery | None = None  # run()'s: waits for the spares handed out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep `count` spares ready until cancelled (the first fill completes before started());
@@ -38,20 +43,22 @@ class SpareShims:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory.chmod(0o700)
         try:
-            started = False
-            while True:
-                while len(self.ready) < self.count:
-                    spare = await self._start_one()
-                    if spare is None:
-                        await trio.sleep(RETRY_AFTER_FAILURE_S)
-                        continue
-                    self.ready.append(spare)
-                if not started:
-                    started = True
-                    task_status.started()
-                self._wanted = trio.Event()
-                await self._wanted.wait()
+            async with open_nursery_unwrapped() as self._reapers:
+                started = False
+                while True:
+                    while len(self.ready) < self.count:
+                        spare = await self._start_one()
+                        if spare is None:
+                            await trio.sleep(RETRY_AFTER_FAILURE_S)
+                            continue
+                        self.ready.append(spare)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    self._wanted = trio.Event()
+                    await self._wanted.wait()
         finally:
+            self._reapers = None
             with trio.CancelScope(shield=True):
                 waiting, self.ready = self.ready, []
                 for proc, _ in waiting:
@@ -64,7 +71,9 @@ class SpareShims:
             proc, path = self.ready.pop(0)
             self._wanted.set()
             if proc.returncode is None and path.exists():
-                trio.lowlevel.spawn_system_task(_reap, proc)  # we stay its parent until it exits
+                # only run() fills `ready`, so its nursery is open; we stay the spare's parent until it exits
+                assert self._reapers is not None
+                self._reapers.start_soon(_reap, proc)
                 return str(path)
             log.warning("pool: spare shim %d is gone (%s)", proc.pid, proc.returncode)
         return None
