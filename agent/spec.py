@@ -42,8 +42,42 @@ def pod_sandbox_id(spec: dict[str, Any]) -> str:
     return ""
 
 
+_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)?(?:[-+].*)?$")
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    m = _VERSION.match(version)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def runtime_spec_version(version_output: str) -> str:
+    """The runtime-spec version a runtime implements, from its `--version` output (runc and crun both
+    print a `spec: 1.0.2-dev` line); "" when there is none."""
+    for line in version_output.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "spec" and _major_minor(value.strip()):
+            return value.strip()
+    return ""
+
+
+def fit_oci_version(version: str, runtime_version: str) -> str:
+    """The ociVersion to give a runtime that implements runtime-spec `runtime_version`.
+
+    containerd 1.7/2.x (built against runtime-spec 1.2) write ociVersion 1.2.x, and bookworm's crun
+    1.8.1 refuses any 1.2 spec ("unknown version specified"). Within a major version runtime-spec
+    minors only add optional fields, and a runtime ignores fields it does not know whatever version is
+    declared, so declaring the version the runtime implements changes nothing it does: it runs the
+    parts it knows, as it would anyway. So a newer 1.x minor is lowered to the runtime's version; an
+    older one, another major, or an unparseable value is left alone (the runtime judges it).
+    """
+    ours, theirs = _major_minor(version), _major_minor(runtime_version)
+    if ours is None or theirs is None or ours[0] != theirs[0] or ours <= theirs:
+        return version
+    return runtime_version
+
+
 def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: bool,
-               sandbox_init_pid: int = 0) -> dict[str, Any]:
+               sandbox_init_pid: int = 0, runtime_version: str = "") -> dict[str, Any]:
     """Return a copy of `spec` fit to run in the guest.
 
     - root.path becomes `rootfs` (the guest path of the container's root filesystem);
@@ -56,7 +90,9 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
     - AppArmor/SELinux labels are dropped (host policy; the guest kernel does not load it);
     - linux.cgroupsPath is set under the kata-py parent, whatever the host's cgroup driver used;
     - process.terminal follows the request;
-    - a hostname gets the UTS namespace it needs.
+    - a hostname gets the UTS namespace it needs;
+    - ociVersion is lowered to `runtime_version` (the runtime-spec version the guest runtime
+      implements) when it names a newer minor of the same major (fit_oci_version).
 
     Raises InvalidArgument when the spec has no `process` object.
     """
@@ -89,6 +125,8 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
         namespaces.append({"type": "uts"})
     linux["namespaces"] = namespaces
     linux["cgroupsPath"] = cgroups_path(container_id)
+    if isinstance(out.get("ociVersion"), str) and runtime_version:
+        out["ociVersion"] = fit_oci_version(out["ociVersion"], runtime_version)
     return out
 
 
