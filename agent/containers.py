@@ -16,7 +16,7 @@ from agent.oci_runtime import OciRuntime, read_pid_file
 from agent.paths import validate_id
 from agent.process import Process
 from agent.reaper import Reaper
-from agent.spec import exec_process, guest_spec, pod_sandbox_id
+from agent.spec import exec_process, guest_spec, pod_sandbox_id, runtime_spec_version
 from agent.stdio import ProcessStdio
 from agent.storage import Mounted, unmount_storage
 from agent.volumes import PodVolumes
@@ -111,7 +111,11 @@ class Containers:
                 raise AlreadyExists(f"container {container_id}: bundle {bundle} already exists") from e
         stdio = None
         try:
-            config = guest_spec(spec, container_id, rootfs, terminal, self._pod_init_pid(spec, container_id))
+            config = guest_spec(spec, container_id, rootfs, terminal, self._pod_init_pid(spec, container_id),
+                                runtime_spec_version(self.runtime.version()))
+            if config.get("ociVersion") != spec.get("ociVersion"):
+                log.info("container %s: ociVersion %s -> %s (what %s implements)", container_id,
+                         spec.get("ociVersion"), config.get("ociVersion"), self.runtime.name)
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(config, f)
             stdio = ProcessStdio(terminal, want_stdin)

@@ -43,6 +43,7 @@ class OciRuntime:
         self.path = path
         self.state_root = state_root
         self._reaper = reaper
+        self._version: str | None = None
 
     def _argv(self, *args: str, log: str | None = None) -> list[str]:
         argv = [self.path, "--root", self.state_root]
@@ -117,7 +118,11 @@ class OciRuntime:
         return self._run_detached([*args, container_id], log, stdio, console_socket)
 
     def version(self) -> str:
-        return self._run("--version").decode(errors="replace").strip()
+        """`--version`'s output, run once: the warm-up asks before READY (so templates carry it) and
+        every create needs its spec version."""
+        if self._version is None:
+            self._version = self._run("--version").decode(errors="replace").strip()
+        return self._version
 
     def start(self, container_id: str) -> None:
         if self.name == "crun" and self._release_crun_init(container_id):
