@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import leaks
 from tests.support.containerd import PrivateContainerd
+from tests.support.containerd_releases import HOST, Release
 
 REAL_PROCESS_MARKERS = ("vm", "containerd")
 
@@ -40,8 +41,15 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture
-def containerd() -> Iterator[PrivateContainerd]:
-    ctd = PrivateContainerd().start()
+def containerd_release(request: pytest.FixtureRequest) -> Release:
+    """The containerd release a test runs against: the host's 1.6 unless the test is parametrized
+    over releases (tests.support.containerd.EVERY_RELEASE)."""
+    return getattr(request, "param", HOST)
+
+
+@pytest.fixture
+def containerd(containerd_release: Release) -> Iterator[PrivateContainerd]:
+    ctd = PrivateContainerd(release=containerd_release).start()
     try:
         yield ctd
     finally:

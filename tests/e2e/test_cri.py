@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from shim.config import Config
-from tests.support.containerd import RUNTIME_HANDLER, PrivateContainerd
+from tests.support.containerd import EVERY_RELEASE, RUNTIME_HANDLER, PrivateContainerd
+from tests.support.containerd_releases import HOST, Release
 from tests.support.cri import CriClient, container_config, pod_config
 from tests.support.vmprocs import qemu_pids, wait_for
 
@@ -25,8 +26,8 @@ pytestmark = [pytest.mark.containerd, pytest.mark.vm]
 H = "io.katacontainers.config.hypervisor."
 
 
-def _cri(kata_config: str = "") -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
-    ctd = PrivateContainerd(kata_config=kata_config, cri=True).start()
+def _cri(kata_config: str = "", release: Release = HOST) -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
+    ctd = PrivateContainerd(kata_config=kata_config, cri=True, release=release).start()
     try:
         busybox, _pause = ctd.import_cri_images()
         with CriClient(ctd.cri_address) as client:
@@ -36,10 +37,11 @@ def _cri(kata_config: str = "") -> Iterator[tuple[PrivateContainerd, CriClient, 
 
 
 @pytest.fixture
-def cri_env() -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
-    yield from _cri()
+def cri_env(containerd_release: Release) -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
+    yield from _cri(release=containerd_release)
 
 
+@EVERY_RELEASE
 def test_pod_of_two_containers_in_one_vm(cri_env: tuple[PrivateContainerd, CriClient, str]):
     ctd, client, busybox = cri_env
     logs = ctd.dir / "pods"
@@ -170,11 +172,12 @@ def test_refused_annotations_fail_run_pod_sandbox(tmp_path: Path):
         wait_for(lambda ctd=ctd: not ctd.stray_processes(), 30, "no shim left after refused pods")
 
 
-def test_two_cni_pods_on_one_bridge_reach_each_other(tmp_path: Path):
+@EVERY_RELEASE
+def test_two_cni_pods_on_one_bridge_reach_each_other(tmp_path: Path, containerd_release: Release):
     """Pods whose netns CNI made (bridge + host-local, Debian's plugins): the shim mirrors each netns
     into its VM, and one pod's container reaches the other's over the bridge."""
     bridge = f"kpcni{os.getpid() % 10000}"
-    ctd = PrivateContainerd(cri=True)
+    ctd = PrivateContainerd(cri=True, release=containerd_release)
     ctd.cni_conf_dir.mkdir(parents=True, exist_ok=True)
     (ctd.cni_conf_dir / "10-kp.conflist").write_text(json.dumps({
         "cniVersion": "0.4.0", "name": "kp-test", "plugins": [{

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support.containerd import RUNTIME, PrivateContainerd
+from tests.support.containerd import EVERY_RELEASE, RUNTIME, PrivateContainerd
 from tests.support.vmprocs import qemu_pids, wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm]
@@ -31,6 +32,7 @@ def busybox(containerd: PrivateContainerd) -> str:
     return containerd.import_busybox()
 
 
+@EVERY_RELEASE
 def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd, busybox: str, tmp_path: Path):
     shared = tmp_path / "host-data"
     shared.mkdir()
@@ -51,10 +53,10 @@ def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainer
     assert not qemu_pids(containerd)
 
 
+@EVERY_RELEASE
 def test_stdin_is_piped_in_and_output_is_complete(containerd: PrivateContainerd, busybox: str):
     data = b"".join(b"line %d of the input\n" % i for i in range(2000))
-    cmd = ["ctr", "--address", containerd.address, "--namespace", "kata-py-test", "run", "--rm",
-           "--runtime", RUNTIME, busybox, "cat1", "cat"]
+    cmd = [*containerd.ctr_argv(), "run", "--rm", "--runtime", RUNTIME, busybox, "cat1", "cat"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # ctr only sends CloseIO for an EOF it reads after NewTask returned (its closer is set then):
@@ -69,9 +71,10 @@ def test_stdin_is_piped_in_and_output_is_complete(containerd: PrivateContainerd,
     assert out == data
 
 
+@EVERY_RELEASE
 def test_tty(containerd: PrivateContainerd, busybox: str):
     # ctr -t needs a terminal on its own stdin: run it under `script`
-    cmd = (f"ctr --address {containerd.address} --namespace kata-py-test run --rm -t --runtime {RUNTIME} "
+    cmd = (f"{shlex.join(containerd.ctr_argv())} run --rm -t --runtime {RUNTIME} "
            f"{busybox} tty1 sh -c 'test -t 0 && echo is-a-tty; exit 0'")
     result = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, timeout=300,
                             stdin=subprocess.DEVNULL)
@@ -79,6 +82,7 @@ def test_tty(containerd: PrivateContainerd, busybox: str):
     assert result.returncode == 0
 
 
+@EVERY_RELEASE
 def test_long_running_task_exec_ps_metrics_pause_kill(containerd: PrivateContainerd, busybox: str):
     ctd = containerd
     ctd.ctr("run", "-d", "--runtime", RUNTIME, busybox, "svc", "sh", "-c",
@@ -138,6 +142,7 @@ def test_qemu_dying_makes_the_task_exit_not_hang(containerd: PrivateContainerd, 
         ctd.ctr("containers", "delete", "doomed", check=False)
 
 
+@EVERY_RELEASE
 def test_killed_shim_is_cleaned_up_by_delete(containerd: PrivateContainerd, busybox: str):
     ctd = containerd
     ctd.ctr("run", "-d", "--runtime", RUNTIME, busybox, "orphan", "sleep", "600")
