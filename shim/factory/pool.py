@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from kata_trio import open_nursery_unwrapped
 from vmm.accel import AccelChoice, detect_accel
 from vmm.config import NinePShare, VmConfig
 from vmm.errors import VmmError
@@ -68,6 +69,7 @@ class Pool:
         self._counter = 0
         self.accel: AccelChoice | None = None
         self.key = ""
+        self._nursery: trio.Nursery | None = None  # serve()'s; it also reaps the QEMUs handed out
 
     def vm_config(self, vm_id: str) -> VmConfig:
         from ..sandbox import VmSandbox  # the same VM shape a shim would build
@@ -93,7 +95,8 @@ class Pool:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         listener = _listen(self.socket_path)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery_unwrapped() as nursery:  # what serve() raises comes out bare
+                self._nursery = nursery
                 await nursery.start(self.spares.run)
                 await nursery.start(self._fill, nursery)
                 nursery.start_soon(trio.serve_listeners, self._handle, [listener])
@@ -204,7 +207,8 @@ class Pool:
             if proc_alive(vm):
                 os.kill(vm.pid() or 0, signal.SIGKILL)
             return {"ok": False, "reason": f"hand-out failed: {exc}"}
-        trio.lowlevel.spawn_system_task(_reap, proc)  # its parent is still us
+        assert self._nursery is not None  # requests are served inside serve()
+        self._nursery.start_soon(_reap, proc)  # its parent is still us
         log.info("pool: handed QEMU pid %s to %s", pid, state_dir)
         return {"ok": True, "pid": pid}
 
@@ -252,7 +256,7 @@ def run_pool(config: Config, socket_path: str | None = None, size: int | None = 
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery_unwrapped() as nursery:  # serve()'s errors reach the except below bare
                 nursery.start_soon(pool.serve)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
