@@ -22,6 +22,7 @@ from vmm.config import (
 AGENT_PORT_NAME = "agent"  # the guest finds the port by this name
 AGENT_PORT_ID = "agentport"  # VSERPORT_CHANGE reports this id
 AGENT_CHARDEV_ID = "agentchr"
+AGENT_TOKEN_FW_CFG = "opt/io.kata-py/agent-token"  # the guest reads /sys/firmware/qemu_fw_cfg/by_name/<this>/raw
 VIRTIO_MEM_ID = "vm0"
 RAM_BACKEND_ID = "pc.ram"
 ROOT_PORT_PREFIX = "rp"  # pcie-root-port ids: rp0, rp1, ... (hot-plug targets for NICs)
@@ -137,7 +138,10 @@ def _agent_devices(cfg: VmConfig, bus: str) -> list[str]:
                 "-chardev", f"socket,id={AGENT_CHARDEV_ID},path={opt(cfg.agent_socket)},server=on,wait=off",
                 "-device", f"virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV_ID},"
                            f"name={AGENT_PORT_NAME},id={AGENT_PORT_ID}"]
-    return ["-device", f"vhost-vsock-{bus},id=vsock0,guest-cid={cfg.agent.guest_cid}"]
+    # The agent's token reaches the guest as an fw_cfg file: its path is on this (world-readable)
+    # command line, its content only in the 0600 file and the guest (vmm/vsock.py).
+    return ["-device", f"vhost-vsock-{bus},id=vsock0,guest-cid={cfg.agent.guest_cid}",
+            "-fw_cfg", f"name={AGENT_TOKEN_FW_CFG},file={opt(cfg.agent_token_file)}"]
 
 
 def _shared_devices(cfg: VmConfig, bus: str) -> list[str]:

@@ -22,6 +22,9 @@ MEMORY_BLOCK_MIB = 128
 # Longest path a unix socket address can hold (sun_path is 108 bytes incl. the NUL).
 MAX_SOCKET_PATH = 107
 SHARED_MOUNT_TAG = "kataShared"
+# Guest CIDs a VM can have: 0-2 are reserved (hypervisor, local, host), 2**32 - 1 is VMADDR_CID_ANY.
+VSOCK_CID_MIN = 3
+VSOCK_CID_MAX = 2**32 - 2
 
 # Boot parameters every guest gets. Why: quiet serial console; panic/reboot make QEMU exit
 # (with -no-reboot) instead of hanging; the rest trims TCG boot time (probes we do not need).
@@ -52,10 +55,15 @@ class SerialChannel:
 
 @dataclass(frozen=True)
 class VsockChannel:
-    """Agent over vhost-vsock; the guest listens on ``port``."""
+    """Agent over vhost-vsock; the guest listens on ``port``.
+
+    The agent serves only connections that start with the sandbox's token (vmm/vsock.py): QEMU
+    hands the guest ``token_file`` (default <state_dir>/agent-token) as an fw_cfg file.
+    """
 
     guest_cid: int
     port: int = 1024
+    token_file: Path | None = None
 
 
 AgentChannel = SerialChannel | VsockChannel
@@ -141,6 +149,12 @@ class VmConfig:
         return None
 
     @property
+    def agent_token_file(self) -> Path | None:
+        if isinstance(self.agent, VsockChannel):
+            return self.agent.token_file or self.state_dir / "agent-token"
+        return None
+
+    @property
     def console_path(self) -> Path:
         return self.console_log or self.state_dir / "console.log"
 
@@ -180,8 +194,8 @@ def _problems(cfg: VmConfig):
         yield "tb_size_mib must be positive"
     if cfg.initrd is not None and cfg.kernel is None:
         yield "initrd given without a kernel"
-    if isinstance(cfg.agent, VsockChannel) and cfg.agent.guest_cid < 3:
-        yield f"vsock guest cid {cfg.agent.guest_cid} is reserved (must be >= 3)"
+    if isinstance(cfg.agent, VsockChannel) and not VSOCK_CID_MIN <= cfg.agent.guest_cid <= VSOCK_CID_MAX:
+        yield f"vsock guest cid {cfg.agent.guest_cid} is reserved (must be in {VSOCK_CID_MIN}..{VSOCK_CID_MAX})"
     if isinstance(cfg.shared, VirtioFsShare) and cfg.ram_file is not None and not cfg.ram_file.share:
         yield "virtio-fs needs guest RAM shared with virtiofsd, but ram_file.share is False"
     if cfg.incoming_defer and cfg.start_paused:
