@@ -17,9 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from vmm import procrecord
 
 from . import mounts, oci, wire
 from .config import load_config
@@ -204,18 +205,12 @@ def cleanup_host_cgroups(bundle: str, sandbox_id: str, sandbox_cgroup_only: bool
 def cleanup_sandbox(state_root: str, sandbox_id: str) -> None:
     """Remove what a dead pod shim left: its QEMU, shared-dir mounts and state directory."""
     state = sandbox_state_dir(state_root, sandbox_id)
-    pid_file = state / "qemu.pid"
     try:
-        pid = int(pid_file.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if str(state).encode() in cmdline:  # only a QEMU that is really ours (pids get reused)
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.02)
-    except (OSError, ValueError):
-        pass
+        # exactly the QEMU the shim started, restored or adopted from the pool, and only while pid
+        # and start time still name it (vmm/procrecord.py): never a process it cannot prove is ours
+        procrecord.kill_recorded(state / procrecord.QEMU_RECORD)
+    except (OSError, ValueError) as exc:
+        print(f"kata-py delete: QEMU of {sandbox_id}: {exc}", file=sys.stderr)
     if state.exists():
         mounts.unmount_all(state)
         shutil.rmtree(state, ignore_errors=True)
