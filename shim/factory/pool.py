@@ -4,19 +4,27 @@ asks, refill in the background; also keep spare shim daemons for `start` (spares
 A pool VM lives in `<runtime state_dir>/pool/vms/<id>/` (same filesystem as the sandboxes, so its
 files can be renamed into a sandbox's state dir). The pool never dials a VM's agent (the serial
 channel allows one connection per VM lifetime: that one is the shim's). Handing out (`take`): the
-VM's QMP session is closed, its sockets, console log, pid file and 9p-shared directory are renamed
-into the shim's state dir (QEMU keeps using them: it holds the listening sockets and the directory
-fd), and the pool stops watching it; the shim adopts the process by pid. From then on it is the
+VM's QMP session is closed, its whole directory (sockets, console log, pid file and the guest share,
+laid out as shim/share.py says before the VM starts) is renamed to be the shim's state dir (QEMU keeps
+using it: it holds the listening sockets and the share's directory fd; a rename moves the mounts
+below it along), and the pool stops watching it; the shim adopts the process by pid. From then on it is the
 shim's: the pool only reaps it when it exits (it stays QEMU's parent). When the pool stops, every VM
 it still owns is stopped; the socket is 0600 in a 0700 directory.
+
+Each pool keeps its VMs in `vms/<pool pid>/<n>/`, next to `pool.proc`, its own process record (pid +
+start time, vmm/procrecord.py); each VM's `qemu.proc` records its QEMU and goes with it to the shim
+(whose `adopt` accepts only the process it names, and whose `delete` kills exactly that one after a
+crash). A pool that stops removes its own directory only. A pool that was killed leaves its VMs
+running (nothing tells a QEMU that its parent died): the next pool kills exactly the recorded QEMUs
+of every pool whose record no longer names a running process, and removes those pools' directories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -29,10 +37,14 @@ from kata_trio import open_nursery_unwrapped
 from vmm.accel import AccelChoice, detect_accel
 from vmm.config import NinePShare, VmConfig
 from vmm.errors import VmmError
+from vmm.procrecord import QEMU_RECORD, is_running, kill_recorded, read_record, write_record
 from vmm.qemu import QemuHypervisor
 
+from .. import mounts
 from ..config import Config
 from ..errors import ShimError
+from ..share import GuestShare
+from ..share import detach as share_detach
 from .key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .protocol import PoolError, receive, send
 from .spares import SpareShims
@@ -41,9 +53,9 @@ from .template import ensure_template, restore_clone
 
 log = logging.getLogger(__name__)
 
-MOVED = ("qmp.sock", "agent.sock", "console.log", "qemu.pid")
 REQUEST_TIMEOUT = 10.0
 RETRY_AFTER_FAILURE = 5.0
+POOL_RECORD = "pool.proc"
 RECHECK_KEY_S = 30.0  # a rebuilt guest image (or config) changes the key: ready VMs are then useless
 
 
@@ -61,6 +73,7 @@ class Pool:
         self.spares = SpareShims(socket_path.parent / "spares",
                                  config.factory.pool_shims if shims is None else shims)
         self.root = Path(config.runtime.state_dir) / "pool" / "vms"
+        self.own = self.root / str(os.getpid())  # this pool's VMs and its process record
         self.sandboxes = Path(config.runtime.state_dir) / "sandboxes"
         f = config.factory
         self.store = TemplateStore(f.template_path(), f.template_cache_max_mb * MIB)
@@ -71,13 +84,14 @@ class Pool:
         self.key = ""
         self._nursery: trio.Nursery | None = None  # serve()'s; it also reaps the QEMUs handed out
 
-    def vm_config(self, vm_id: str) -> VmConfig:
+    def vm_config(self, n: int | str) -> VmConfig:
+        """This pool's VM number `n` (named, and its vsock CID derived, from an id unique on the host)."""
         from ..sandbox import VmSandbox  # the same VM shape a shim would build
 
         cfg = dataclasses.replace(self.config, runtime=dataclasses.replace(self.config.runtime,
                                                                              state_dir=str(self.root.parent)))
-        sandbox = VmSandbox(vm_id, cfg, None)  # type: ignore[arg-type]  # only its vm_config is used
-        state = self.root / vm_id
+        sandbox = VmSandbox(f"p{os.getpid()}-{n}", cfg, None)  # type: ignore[arg-type]  # only its vm_config is used
+        state = self.own / str(n)
         return dataclasses.replace(sandbox.vm_config(sandbox.guest_image()), state_dir=state,
                                    shared=NinePShare(state / "shared"))
 
@@ -93,6 +107,9 @@ class Pool:
         self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.socket_path.parent.chmod(0o700)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await trio.to_thread.run_sync(reap_dead_pools, self.root)
+        self.own.mkdir(mode=0o700)
+        write_record(self.own / POOL_RECORD, os.getpid())  # before any VM: a successor then reaps them
         listener = _listen(self.socket_path)
         try:
             async with open_nursery_unwrapped() as nursery:  # what serve() raises comes out bare
@@ -109,7 +126,11 @@ class Pool:
                     await vm.stop()
                 self.ready.clear()
                 self.socket_path.unlink(missing_ok=True)
-                shutil.rmtree(self.root, ignore_errors=True)
+                # every VM it owned is gone now (those being made went with the nursery); another
+                # pool's directory (one serving another socket) stays
+                _remove_dir(self.own)
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()
 
     def _current_key(self) -> str:
         """Raises NoTemplate, InvalidVmConfig, FailedPrecondition (no guest image), OSError."""
@@ -130,6 +151,7 @@ class Pool:
             stale, self.ready, self.key = self.ready, [], key
             for vm in stale:
                 await vm.stop()
+                _remove_dir(vm.config.state_dir)
 
     async def _template(self, work_dir: Path, cfg: VmConfig) -> Template:
         assert self.accel is not None
@@ -147,16 +169,17 @@ class Pool:
         while True:
             while len(self.ready) < self.size:
                 self._counter += 1
-                vm_id = f"p{os.getpid()}-{self._counter}"
+                vm_id = self._counter
                 cfg = self.vm_config(vm_id)
                 try:
-                    template = await self._template(self.root / f"build-{vm_id}", cfg)
-                    (cfg.state_dir / "shared").mkdir(mode=0o700, parents=True, exist_ok=True)
+                    template = await self._template(self.own / f"build-{vm_id}", cfg)
+                    GuestShare(cfg.state_dir).create()
                     vm = await restore_clone(template, cfg, self.accel, nursery)  # type: ignore[arg-type]
                     await vm.wait_agent_port_open(self.config.agent.dial_timeout_s)
                 except (VmmError, OSError, trio.TooSlowError) as exc:
                     log.error("pool: cannot prepare a VM: %s", exc)
-                    shutil.rmtree(cfg.state_dir, ignore_errors=True)
+                    GuestShare(cfg.state_dir).close()
+                    mounts.remove_tree(cfg.state_dir)
                     await trio.sleep(RETRY_AFTER_FAILURE)
                     continue
                 self.ready.append(vm)
@@ -192,8 +215,8 @@ class Pool:
         if request.get("key") != self.key:
             return {"ok": False, "reason": f"pool serves template {self.key}"}
         state_dir = Path(str(request.get("state_dir", "")))
-        if state_dir.parent != self.sandboxes or not (state_dir / "shared").is_dir():
-            return {"ok": False, "reason": f"state_dir must be an existing {self.sandboxes}/<id> with shared/"}
+        if state_dir.parent != self.sandboxes or await trio.to_thread.run_sync(os.path.lexists, state_dir):
+            return {"ok": False, "reason": f"state_dir must be a {self.sandboxes}/<id> that does not exist yet"}
         if not self.ready:
             return {"ok": False, "reason": "empty"}
         vm = self.ready.pop(0)
@@ -201,11 +224,12 @@ class Pool:
         try:
             pid = vm.pid()
             proc = await vm.detach()
-            _move_into(vm.config.state_dir, state_dir)
+            os.rename(vm.config.state_dir, state_dir)  # the VM's directory becomes the sandbox's
         except (VmmError, OSError) as exc:
             log.error("pool: hand-out failed: %s", exc)
             if proc_alive(vm):
                 os.kill(vm.pid() or 0, signal.SIGKILL)
+            _remove_dir(vm.config.state_dir)  # what was not handed out
             return {"ok": False, "reason": f"hand-out failed: {exc}"}
         assert self._nursery is not None  # requests are served inside serve()
         self._nursery.start_soon(_reap, proc)  # its parent is still us
@@ -224,14 +248,56 @@ async def _reap(proc: Any) -> None:
         pass
 
 
-def _move_into(src: Path, dst: Path) -> None:
-    """Rename a pool VM's files into a sandbox's state dir. Raises OSError."""
-    for name in MOVED:
-        if (src / name).exists():
-            os.rename(src / name, dst / name)
-    os.rmdir(dst / "shared")  # empty: the sandbox has shared nothing yet
-    os.rename(src / "shared", dst / "shared")
-    shutil.rmtree(src, ignore_errors=True)
+def reap_dead_pools(root: Path) -> list[int]:
+    """Kill the VMs of pools that died (SIGKILLed: their QEMUs outlive them) and remove their
+    directories; return the QEMU pids killed. Only directories a pool recorded itself in
+    (`<pid>/pool.proc`) whose pool no longer runs (pid + start time) are touched, in them only the
+    processes their `qemu.proc` records still name are killed, and a directory whose VM could not be
+    proven gone stays. Blocking (up to 2 s per VM). Never raises."""
+    killed: list[int] = []
+    try:
+        owners = [d for d in root.iterdir() if d.name.isdigit() and not d.is_symlink() and d.is_dir()]
+    except OSError as exc:
+        log.warning("pool: cannot look for VMs of dead pools in %s: %s", root, exc)
+        return killed
+    for owner in owners:
+        try:
+            record = read_record(owner / POOL_RECORD)
+            if record is None:  # killed before it recorded itself: it started no VM there
+                with contextlib.suppress(OSError):
+                    owner.rmdir()
+                continue
+            if is_running(record):
+                continue  # a live pool's (one serving another socket)
+            proven = True
+            for vm_dir in owner.iterdir():
+                if vm_dir.is_symlink() or not vm_dir.is_dir():
+                    continue
+                try:
+                    pid = kill_recorded(vm_dir / QEMU_RECORD)
+                except (OSError, ValueError) as exc:
+                    log.error("pool: VM %s of dead pool %d: %s", vm_dir, record.pid, exc)
+                    proven = False
+                    continue
+                if pid is not None:
+                    killed.append(pid)
+                    log.info("pool: killed QEMU pid %d of dead pool %d", pid, record.pid)
+        except (OSError, ValueError) as exc:
+            log.error("pool: directory %s of a dead pool: %s", owner, exc)
+            continue
+        if proven:
+            _remove_dir(owner)
+    return killed
+
+
+def _remove_dir(path: Path) -> None:
+    """Remove a pool VM's directory, or a pool's with its VMs' in it: each VM's share comes off (the
+    one mount a pool VM has, shim/share.py), then the files, never into a mount that stayed."""
+    for vm_dir in (path, *(d for d in path.glob("*") if d.is_dir() and not d.is_symlink())):
+        share_detach(vm_dir)
+    left = mounts.remove_tree(path)
+    if left:
+        log.error("pool: left in %s (still mounted): %s", path, ", ".join(left))
 
 
 def _listen(path: Path) -> trio.SocketListener:
