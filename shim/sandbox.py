@@ -46,6 +46,7 @@ from vmm.config import (
 from vmm.errors import VmmError
 from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
+from vmm.vsock import guest_cid, read_token, start_with_free_cid
 
 from . import mounts, oci, volumes
 from .annotations import GuestAssets, apply_annotations
@@ -393,8 +394,10 @@ class VmSandbox:
             except (VmmError, AgentError, OSError, trio.TooSlowError) as exc:
                 log.warning("sandbox %s: template start failed, booting cold: %s", self.id, exc)
                 await self._discard_vm()
-        self._vm = QemuHypervisor(cfg, accel=accel, on_exit=self._on_vm_exit, start_timeout=30)
-        await self._vm.start(self._nursery)
+        self._vm = await start_with_free_cid(
+            lambda c: QemuHypervisor(c, accel=accel, on_exit=self._on_vm_exit, start_timeout=30),
+            cfg, self._nursery, self.id)
+        cfg = self._vm.config  # vsock: with the CID that was free
         timer.mark("vm_launch")
         self._agent = await self._connect_agent(self._vm, cfg, timer)
         return "cold"
@@ -465,7 +468,9 @@ class VmSandbox:
             await vm.wait_agent_port_open(self.config.agent.dial_timeout_s)
             transport: SerialTransport | VsockTransport = SerialTransport(str(cfg.agent_socket))
         else:
-            transport = VsockTransport(cfg.agent.guest_cid, cfg.agent.port)
+            assert cfg.agent_token_file is not None
+            transport = VsockTransport(cfg.agent.guest_cid, cfg.agent.port,
+                                       token=read_token(cfg.agent_token_file))
         timer.mark("agent_port")
         agent = await connect_agent(transport, deadline)
         timer.mark("agent_ready")
@@ -732,5 +737,5 @@ class VmSandbox:
 
 
 def _guest_cid(sandbox_id: str) -> int:
-    # CIDs 0-2 are reserved; derive a stable one per sandbox (collisions make QEMU fail loudly)
-    return 3 + int.from_bytes(sandbox_id.encode()[:8].ljust(8, b"\0"), "big") % (2**31 - 4)
+    # the whole id, hashed; start_with_free_cid moves on to the next candidate if it is taken
+    return guest_cid(sandbox_id)

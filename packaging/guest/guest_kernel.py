@@ -28,6 +28,7 @@ MODULES = (
     "vmw_vsock_virtio_transport",  # vsock agent channel
     "virtio_mem",  # memory resize
     "virtio_rng",  # host entropy (vmm attaches virtio-rng-pci); vmgenid is built in (=y)
+    "qemu_fw_cfg",  # /sys/firmware/qemu_fw_cfg: the vsock agent token (CONFIG_FW_CFG_SYSFS=m)
 )
 
 _XZ_MAGIC = b"\xfd7zXZ\x00"

@@ -424,15 +424,15 @@ async def test_vsock_without_a_guest_fails_clearly() -> None:
     # Whatever this host has (no vhost-vsock here), cid 4242 has no agent listening.
     start = trio.current_time()
     with pytest.raises(AgentUnavailable, match="vsock:4242:1024"):
-        await connect_agent(VsockTransport(4242), trio.current_time() + 0.5)
+        await connect_agent(VsockTransport(4242, token=b"0" * 64), trio.current_time() + 0.5)
     assert trio.current_time() - start < 1.0  # closing aborts the kernel's 2 s vsock connect
     assert not bridge_threads()
 
 
 def test_vsock_transport_basics() -> None:
     with pytest.raises(ValueError):
-        VsockTransport(2)
-    assert VsockTransport(3).describe() == "vsock:3:1024"
+        VsockTransport(2, token=b"0" * 64)
+    assert VsockTransport(3, token=b"0" * 64).describe() == "vsock:3:1024"
     assert vsock_available() == Path("/dev/vhost-vsock").exists()
 
 
