@@ -132,7 +132,7 @@ async def start_with_free_cid(make_vm: Callable[[VmConfig], V], cfg: VmConfig, n
         return vm
     token_file = cfg.agent_token_file
     assert token_file is not None
-    write_token(token_file, new_token())
+    await trio.to_thread.run_sync(write_token, token_file, new_token())
     for attempt in range(attempts):
         try_cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, guest_cid=guest_cid(sandbox_id, attempt)))
         vm = make_vm(try_cfg)
