@@ -661,26 +661,26 @@ class VmSandbox:
 
     # --- rootfs sharing -------------------------------------------------------------------------
     def _share_rootfs(self, container: Container) -> Storage:
-        """Mount containerd's rootfs on <bundle>/rootfs and attach it to the guest share (read-only
-        there when the spec's root or a rootfs mount says so: the guest must not write through a
-        read-only view of an image layer shared with every other container).
+        """Mount containerd's rootfs on <bundle>/rootfs and attach it to the guest share; a read-only
+        one (an image snapshot: ctr --read-only) is never writable by the guest (shim/share.py).
 
         Raises InvalidArgument for an unsupported mount and Internal when mounting fails.
         """
         bundle_rootfs = Path(container.bundle) / "rootfs"
-        readonly = bool((container.spec.get("root") or {}).get("readonly"))
         try:
             bundle_rootfs.mkdir(exist_ok=True)
             for m in container.rootfs_mounts:
                 if m.type not in ("overlay", "bind", "ext4", "xfs", "tmpfs"):
                     raise InvalidArgument(f"rootfs mount type {m.type!r} is not supported")
                 options = list(m.options)
-                readonly = readonly or "ro" in options
                 if m.type == "bind":  # mount(2) would ignore "ro" on a new bind
                     mounts.bind(m.source, bundle_rootfs, readonly="ro" in options, recursive="rbind" in options)
                 else:
                     flags, data = mounts.mount_options(options)
                     mounts.mount(m.source, str(bundle_rootfs), m.type, flags, data)
+            # root.readonly is the guest runtime's to apply (after it made its mount points, as runc
+            # does); a read-only *mount* (an image snapshot) must stay so on the host
+            readonly = bool(os.statvfs(bundle_rootfs).f_flag & os.ST_RDONLY)
             guest_path = self.share.share_rootfs(container.id, bundle_rootfs, readonly=readonly)
         except OSError as exc:
             self._unshare_rootfs(container)

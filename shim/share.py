@@ -13,6 +13,11 @@ into the directory it exports. So the exported directory is not a tree the host 
                        before they are attached, so the guest never sees them writable), always
                        nosuid, nodev, noexec on the host
 
+A read-only rootfs (an image snapshot containerd hands out as a read-only bind or a lower-only
+overlay) is shared as an overlay of it with a small host-only tmpfs on top (<state>/scratch/<cid>/,
+never exported): the guest's runtime can make its mount points, a guest root can write at most that
+tmpfs, and the image layer under it, shared with every container of the image, is never written.
+
 The guest can write only inside those mounts, and the host never walks below one: it reaches their
 mount points through the read-only view (openat2 with no links, no `..`, no mount crossing) and takes
 each off with one lazy detach (which takes along whatever is below it, without looking). The whole
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 GUEST_ROOT = "/run/kata-py"  # the agent's root in the guest (agent/paths.py)
 GUEST_SHARED = f"{GUEST_ROOT}/shared"  # where the agent mounts the 9p share
 
+SCRATCH_SIZE = "16m"  # enough for the mount points a runtime makes; all a guest root could fill
 _VIEW_ATTRS = mounts.MOUNT_ATTR_RDONLY | mounts.MOUNT_ATTR_NOSUID | mounts.MOUNT_ATTR_NODEV | mounts.MOUNT_ATTR_NOEXEC
 # a mount the guest may write through: what it writes must never act on the host
 _SUBMOUNT_ATTRS = mounts.MOUNT_ATTR_NOSUID | mounts.MOUNT_ATTR_NODEV | mounts.MOUNT_ATTR_NOEXEC
@@ -53,6 +59,7 @@ class GuestShare:
         self.state_dir = state_dir
         self.stage = state_dir / "stage"
         self.exported = state_dir / "shared"  # QEMU's 9p root
+        self.scratch = state_dir / "scratch"  # host-only upper layers of read-only rootfs
         self._attached: dict[str, list[str]] = {}  # container id -> mount points under exported/, in order
 
     # --- the share itself -------------------------------------------------------------------
@@ -80,17 +87,20 @@ class GuestShare:
         what is already gone. Anything that would not come off is logged and left in place."""
         self._attached.clear()
         detach(self.state_dir)
-        left = mounts.remove_tree(self.stage)
+        left = mounts.remove_tree(self.stage) + mounts.remove_tree(self.scratch)
         if left:
             log.error("share %s: left in place (still mounted): %s", self.state_dir, ", ".join(left))
 
     # --- what containers get ----------------------------------------------------------------
     def share_rootfs(self, cid: str, source: Path, *, readonly: bool) -> str:
         """Attach the container's rootfs (`source`, e.g. <bundle>/rootfs, with what is mounted
-        below it); returns its path in the guest."""
+        below it; `readonly`: source is a read-only mount, shared through a scratch overlay); returns
+        its path in the guest."""
         rel = f"containers/{cid}/rootfs"
         self._stub(rel, directory=True)
-        self._attach_container(cid, rel, source, readonly)
+        if readonly:
+            source = self._scratch_overlay(cid, source)
+        self._attach_container(cid, rel, source, False)
         return f"{GUEST_SHARED}/{rel}"
 
     def share_volume(self, cid: str, index: int, source: str, *, readonly: bool) -> str:
@@ -115,11 +125,31 @@ class GuestShare:
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:  # not mounted (any more)
                         log.error("share %s: %s", self.state_dir, exc)
-        left = mounts.remove_tree(self.stage / "containers" / cid)
+        with contextlib.suppress(OSError):  # none made for a writable rootfs
+            mounts.umount(self.scratch / cid)  # its overlay goes with it
+        left = mounts.remove_tree(self.stage / "containers" / cid) + mounts.remove_tree(self.scratch / cid)
         if left:
             log.error("share %s: left in place (still mounted): %s", self.state_dir, ", ".join(left))
 
     # --- helpers ----------------------------------------------------------------------------
+    def _scratch_overlay(self, cid: str, lower: Path) -> Path:
+        """An overlay of read-only `lower` with a bounded tmpfs upper, in the host-only scratch dir."""
+        top = self.scratch / cid
+        try:
+            self.scratch.mkdir(mode=0o700, exist_ok=True)
+            top.mkdir(mode=0o700)
+            mounts.mount("tmpfs", str(top), "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
+                         f"size={SCRATCH_SIZE},mode=0700")
+            for d in ("upper", "work", "root"):
+                (top / d).mkdir(mode=0o755)
+            mounts.mount("overlay", str(top / "root"), "overlay", mounts.MS_NOSUID | mounts.MS_NODEV,
+                         f"lowerdir={_overlay_path(lower)},upperdir={top}/upper,workdir={top}/work")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                mounts.umount(top)
+            raise Internal(f"container {cid}: read-only rootfs overlay: {exc}") from exc
+        return top / "root"
+
     def _attach_container(self, cid: str, rel: str, source: Path, readonly: bool) -> None:
         attrs = _SUBMOUNT_ATTRS | (mounts.MOUNT_ATTR_RDONLY if readonly else 0)
         try:
@@ -181,9 +211,17 @@ def _opened_beneath(root: Path, rel: str) -> Iterator[int]:
     yield target
 
 
+def _overlay_path(path: Path) -> str:
+    """A path as an overlay lowerdir option: its separators (`,` `:`) and `\\` escaped."""
+    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
 def detach(state_dir: Path) -> None:
     """Take the share of `state_dir` off with everything attached below it (one lazy detach), if
     it is mounted. For a dead shim's leftovers too: needs no record of what was attached."""
+    for scratch in sorted((state_dir / "scratch").glob("*")) if (state_dir / "scratch").is_dir() else ():
+        with contextlib.suppress(OSError):
+            mounts.umount(scratch)
     exported = state_dir / "shared"
     for _ in range(4):  # a stacked mount (never made by us, but be thorough) comes off one by one
         try:

@@ -193,3 +193,22 @@ def test_read_only_bind_is_read_only_from_the_start(tmp_path: Path):
         assert stat.S_ISDIR(os.lstat(tmp_path / "t").st_mode)
     finally:
         mounts.umount(tmp_path / "t")
+
+
+def test_read_only_rootfs_gets_a_scratch_layer_and_its_image_stays_untouched(share: GuestShare, tmp_path: Path):
+    layer = volume(tmp_path, "layer")
+    (tmp_path / "ro").mkdir()
+    mounts.bind(layer, tmp_path / "ro", readonly=True, recursive=False)  # what containerd's View gives
+    try:
+        share.share_rootfs("c1", tmp_path / "ro", readonly=True)
+        seen = share.exported / "containers/c1/rootfs"
+        (seen / "run").mkdir()  # the guest runtime's mount point
+        (seen / "data").write_bytes(b"overwritten")
+        assert sorted(os.listdir(layer)) == ["data"] and (layer / "data").read_bytes() == b"user data\n" * 100
+        with pytest.raises(OSError) as err:  # a guest root fills at most the bounded scratch tmpfs
+            (seen / "big").write_bytes(b"\0" * (17 << 20))
+        assert err.value.errno == errno.ENOSPC
+        share.unshare("c1")
+        assert not (share.scratch / "c1").exists()
+    finally:
+        mounts.umount(tmp_path / "ro")
