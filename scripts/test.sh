@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Set up the host, build (or reuse) the guest image, and run the whole test suite.
+# Set up the host and kata-py's virtual environment (setup-host.sh), build (or reuse) the guest image,
+# and run the whole test suite, everything from the venv's python. Extra arguments go to pytest.
+# Needs root (containerd, mounts, QEMU): re-runs itself through sudo otherwise.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+source "$(dirname "$0")/lib.sh"
+kata_py_as_root "$(readlink -f "$0")" "$@"
+cd "$KATA_PY_REPO"
 
 bash scripts/setup-host.sh
-echo "[test] guest image: $($PYTHON packaging/guest/build_guest.py --print-dir)"
-$PYTHON -m protos.generate --check
-$PYTHON -m ruff check .
+echo "[test] python: $VENV_PYTHON ($("$VENV_PYTHON" --version))"
+echo "[test] guest image: $("$VENV_PYTHON" packaging/guest/build_guest.py --print-dir)"
+"$VENV_PYTHON" -m protos.generate --check
+"$VENV_PYTHON" -m ruff check .
 # exit 5 (no tests collected) is a failure here, like any other non-zero exit
-exec $PYTHON -m pytest -p no:cacheprovider "$@"
+exec "$VENV_PYTHON" -m pytest -p no:cacheprovider "$@"
