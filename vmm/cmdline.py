@@ -26,6 +26,10 @@ AGENT_TOKEN_FW_CFG = "opt/io.kata-py/agent-token"  # the guest reads /sys/firmwa
 VIRTIO_MEM_ID = "vm0"
 RAM_BACKEND_ID = "pc.ram"
 ROOT_PORT_PREFIX = "rp"  # pcie-root-port ids: rp0, rp1, ... (hot-plug targets for NICs)
+# QEMU's own seccomp filter: no exec/fork of helpers (migration goes through passed fds, taps come
+# as fds), no setuid/setgid family, no scheduler/affinity/priority changes, no obsolete syscalls.
+# It stacks with the filter vmm/confine.py installs before exec.
+QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 def root_port_ids(cfg: VmConfig) -> list[str]:
@@ -63,6 +67,7 @@ def build_argv(cfg: VmConfig, accel: AccelChoice, qemu_binary: str = "qemu-syste
     argv = [qemu_binary, "-name", f"{opt(cfg.name)},debug-threads=on"]
     argv += ["-machine", _machine(cfg), "-accel", _accel(cfg, accel), "-cpu", _cpu(cfg, accel)]
     argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    argv += ["-sandbox", QEMU_SANDBOX]
     argv += ["-smp", f"{cfg.vcpus},maxcpus={cfg.max_vcpus}"]
     argv += ["-m", _memory(cfg)]
     if cfg.ram_file is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import shlex
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +24,7 @@ from kata_trio import open_nursery_unwrapped
 from vmm.accel import AccelChoice, detect_accel
 from vmm.cmdline import AGENT_CHARDEV_ID, AGENT_PORT_ID, VIRTIO_MEM_ID, build_argv, root_port_ids
 from vmm.config import MEMORY_BLOCK_MIB, SerialChannel, VmConfig
+from vmm.confine import default_confinement
 from vmm.errors import (
     HotplugError,
     MigrationError,
@@ -45,6 +45,7 @@ MIB = 1 << 20
 CONSOLE_TAIL_BYTES = 4096
 QMP_EOF_GRACE = 1.0  # QMP EOF normally means QEMU is exiting: give it this long before killing it
 MIGRATION_POLL = 0.02
+MIGRATION_FD_NAME = "migration"  # the getfd name of the snapshot file during save/restore
 
 
 class _State(enum.Enum):
@@ -152,10 +153,12 @@ class QemuHypervisor:
         log_fd = os.open(self.config.console_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             # QEMU's own stderr goes to the console log too: one file tells the whole story.
-            proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd)
-        except OSError as e:
+            # Confined between fork and exec (capabilities, no_new_privs, seccomp: vmm/confine.py).
+            proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                                    preexec_fn=default_confinement().preexec)
+        except (OSError, subprocess.SubprocessError) as e:  # SubprocessError: the confinement failed
             self._finish(VmExit(None, "start-failed"))
-            raise VmStartError(f"cannot run {argv[0]}: {e}") from e
+            raise VmStartError(f"cannot run {argv[0]}: {e}", self.console_tail()) from e
         finally:
             os.close(log_fd)
         await self._watch(proc, task_status=task_status)
@@ -580,8 +583,9 @@ class QemuHypervisor:
 
     # ---- snapshots -----------------------------------------------------------------------------
     async def save_snapshot(self, state_path: Path, *, ignore_shared: bool = False, timeout: float = 60) -> None:
-        """Pause the VM and migrate its state into ``state_path`` (QEMU 7.2 has no file: URI, so
-        exec:cat). ``ignore_shared`` (template VMs whose RAM is a shared file) leaves RAM out.
+        """Pause the VM and migrate its state into ``state_path`` (QEMU 7.2 has no file: URI, and
+        its -sandbox forbids exec:, so an fd we open is passed over QMP). ``ignore_shared`` (template
+        VMs whose RAM is a shared file) leaves RAM out.
 
         The VM stays paused afterwards. Raises MigrationError (also when QEMU dies meanwhile),
         VmNotRunning.
@@ -590,7 +594,7 @@ class QemuHypervisor:
         with self._migration_errors("cannot save snapshot"):
             await self._set_ignore_shared(qmp, ignore_shared)
             await qmp.execute("stop")
-            await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_path))}"})
+            await self._migrate_through_file(qmp, "migrate", state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             await self._wait_migration(qmp, timeout)
 
     async def restore_snapshot(self, state_path: Path, *, ignore_shared: bool = False, resume: bool = True,
@@ -605,13 +609,30 @@ class QemuHypervisor:
             raise MigrationError(f"snapshot {state_path} does not exist")
         with self._migration_errors("cannot restore snapshot"):
             await self._set_ignore_shared(qmp, ignore_shared)
-            await qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_path))}"})
+            await self._migrate_through_file(qmp, "migrate-incoming", state_path, os.O_RDONLY)
             await self._wait_migration(qmp, timeout)
             if resume:
                 # The source was paused before saving, so the clone arrives paused too.
                 status = await qmp.execute("query-status")
                 if not status.get("running"):
                     await qmp.execute("cont")
+
+    async def _migrate_through_file(self, qmp: QmpClient, command: str, path: Path, flags: int) -> None:
+        """Open ``path``, hand it to QEMU (getfd over SCM_RIGHTS; our copy is closed) and start
+        ``command`` (migrate / migrate-incoming) on it. Raises MigrationError, QmpError."""
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)  # a local file: opening does not block
+        except OSError as e:
+            raise MigrationError(f"cannot open {path}: {e}") from e
+        try:
+            await qmp.pass_fd(fd, MIGRATION_FD_NAME)
+        finally:
+            os.close(fd)
+        try:
+            await qmp.execute(command, {"uri": f"fd:{MIGRATION_FD_NAME}"})  # QEMU takes the fd from here
+        except QmpError:
+            await self._quiet(qmp, "closefd", {"fdname": MIGRATION_FD_NAME})
+            raise
 
     @contextmanager
     def _migration_errors(self, what: str) -> Iterator[None]:

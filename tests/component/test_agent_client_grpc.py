@@ -8,6 +8,7 @@ AgentUnavailable, the virtio-serial channel never reconnects, and guest output i
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -373,8 +374,10 @@ async def test_full_long_lived_pool_fails_fast_and_control_calls_still_run(serve
 async def test_a_stream_dropped_without_aclose_gives_its_slot_back(agent: GrpcAgent, server: AgentServer) -> None:
     stream = agent.read_stdout("c1", "")
     assert agent.long_lived_in_use == 1
-    assert await stream.__anext__() == b"hello "
+    first = await stream.__anext__()
+    assert first == b"hello "
     del stream  # the consumer forgot it: the guest must not stream on, the slot must come back
+    gc.collect()
     assert agent.long_lived_in_use == 0
     await wait_server_idle(server.servicer)
 

@@ -3,7 +3,7 @@
 A container escape inside the guest is always assumed possible, so the attacker here is a guest
 process with all of the 9p share: a root container that bind-mounts the agent's own share mount.
 It writes what a guest root could write (links to host paths, renames, a file of its own in a
-volume, a large file) and the test proves that the host never follows any of it, never unmounts or
+volume, setuid/setgid modes and device nodes on it, a large file) and the test proves that the host never follows any of it, never unmounts or
 removes what it did not create, loses no byte of the user's volume (whose path has a non-ASCII
 character and a space), and keeps serving the pod.
 """
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,11 @@ from shim.sandbox import VmSandbox
 from shim.share import GUEST_SHARED
 from shim.stdio import HostStdio
 from tests.e2e.test_sandbox_vm import collect
+from vmm.confine import KEPT_CAPS, cap_mask
 
 pytestmark = pytest.mark.vm
 
-APPLETS = ("sh", "echo", "cat", "sleep", "true", "ln", "mkdir", "mv", "touch", "dd", "ls", "rm")
+APPLETS = ("sh", "echo", "cat", "sleep", "true", "ln", "mkdir", "mv", "touch", "dd", "ls", "rm", "chmod", "mknod")
 DATA_MOUNT = 2  # index of the /data mount in the specs below: the share names it mounts/2
 
 ATTACK = """
@@ -48,6 +50,11 @@ try rootfs-link-mnt ln -s {canary_mnt} $C/rootfs/to-mnt
 try rootfs-large dd if=/dev/zero of=$C/rootfs/large bs=1M count=4
 try vol-link ln -s / $C/mounts/{data}/to-root
 try vol-write sh -c "echo from-guest > $C/mounts/{data}/guest-file"
+try vol-chmod-suid chmod 4755 $C/mounts/{data}/guest-file
+try vol-chmod-sgid chmod 2755 $C/mounts/{data}/guest-file
+try vol-chmod-plain chmod 0640 $C/mounts/{data}/guest-file
+try vol-mknod-char mknod $C/mounts/{data}/null c 1 3
+try vol-mknod-block mknod $C/mounts/{data}/disk b 254 0
 echo done
 """
 
@@ -72,6 +79,18 @@ def make_bundle(root: Path, name: str, args: list[str], volume: Path) -> tuple[P
     }
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle, spec
+
+
+def assert_confined(qemu_pid: int) -> None:
+    """QEMU runs with exactly the capabilities vmm/confine.py keeps, no_new_privs and a seccomp filter."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{qemu_pid}/status").read_text().splitlines())
+    kept = cap_mask(KEPT_CAPS)
+    for field in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(status[field], 16) == kept, (field, status[field])
+    assert int(status["CapInh"], 16) == 0 and int(status["CapAmb"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"  # filter mode: ours and QEMU's own -sandbox
+    assert "-sandbox" in Path(f"/proc/{qemu_pid}/cmdline").read_bytes().decode(errors="replace")
 
 
 def digest(path: Path) -> str:
@@ -131,8 +150,13 @@ async def test_compromised_guest_cannot_reach_the_host(tmp_path: Path, host_cana
                                 "view-rename-mounts"):
                     assert results[attempt] == "fail", (attempt, out)
                 # inside what it may write, it writes (that is the container's own data)
-                for attempt in ("rootfs-link", "rootfs-link-mnt", "rootfs-large", "vol-link", "vol-write"):
+                for attempt in ("rootfs-link", "rootfs-link-mnt", "rootfs-large", "vol-link", "vol-write",
+                                "vol-chmod-plain"):
                     assert results[attempt] == "ok", (attempt, out)
+                # QEMU cannot make a host file setuid/setgid-executable or a device node for it
+                for attempt in ("vol-chmod-suid", "vol-chmod-sgid", "vol-mknod-char", "vol-mknod-block"):
+                    assert results[attempt] == "fail", (attempt, out)
+                assert_confined(sandbox.pid())
                 await agent.remove_container("evil", 30)
                 # the pod goes on: a next container through the normal path sees the volume
                 await sandbox.create_container(c1)
@@ -148,6 +172,10 @@ async def test_compromised_guest_cannot_reach_the_host(tmp_path: Path, host_cana
     # every byte of the user's volume, the host paths the guest pointed at, the host's own mount
     assert digest(volume / "data") == before
     assert (volume / "guest-file").read_text() == "from-guest\n"
+    assert oct((volume / "guest-file").stat().st_mode & 0o7777) == oct(0o640)
+    for path in volume.rglob("*"):
+        st = path.lstat()
+        assert not st.st_mode & stat.S_ISUID and not stat.S_ISCHR(st.st_mode) and not stat.S_ISBLK(st.st_mode), path
     assert (volume / "to-root").is_symlink()
     assert (canary / "keep").read_text() == "keep"
     assert mounts.is_mount_point(canary_mnt) and (canary_mnt / "keep").read_text() == "keep"
