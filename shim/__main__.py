@@ -36,19 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     if version:
         print(f"containerd-shim-kata-py-v2 version {VERSION}")
         return 0
-    if not args.namespace or not args.id:
-        print("-namespace and -id are required", file=sys.stderr)
-        return 2
-    if action == "start":
+    if action == "start":  # containerd 2.3 may name the namespace and id on stdin only
         from . import manager
 
         try:
-            address = manager.start(args, sys.stdin.buffer.read())
+            answer = manager.start(args, sys.stdin.buffer.read())
         except Exception as exc:  # containerd shows our combined output: one clear line
             print(f"kata-py start: {exc}", end="")
             return 1
-        sys.stdout.write(address)  # exactly the address: containerd uses the trimmed output
+        sys.stdout.buffer.write(answer)  # exactly the answer: containerd parses the whole output
         return 0
+    if not args.namespace or not args.id:
+        print("-namespace and -id are required", file=sys.stderr)
+        return 2
     if action == "delete":
         from . import manager
 

@@ -18,9 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from shim.mounts import unmount_all
 
-from .containerd_releases import HOST, Release, bin_dir
+from .containerd_releases import HOST, RELEASES, Release, bin_dir
 from .images import IMAGE_NAME, PAUSE_CMD, PAUSE_IMAGE_NAME, build_oci_tar
 
 RUNTIME = "io.containerd.kata-py.v2"
@@ -28,6 +30,11 @@ NAMESPACE = "kata-py-test"
 CRI_NAMESPACE = "k8s.io"  # where containerd's CRI plugin keeps its images and containers
 RUNTIME_HANDLER = "kata-py"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+# the core e2e tests run against every release (the `containerd_release` fixture of tests/conftest.py);
+# the rest of the suite runs on the host's 1.6 only
+EVERY_RELEASE = pytest.mark.parametrize(
+    "containerd_release", [pytest.param(r, id=f"containerd-{r.name}") for r in RELEASES.values()], indirect=True)
 
 
 def namespace_cgroups() -> set[Path]:
