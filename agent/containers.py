@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import cgroups
-from agent.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.oci_runtime import OciRuntime, read_pid_file
 from agent.paths import validate_id
 from agent.process import Process
 from agent.reaper import Reaper
-from agent.spec import exec_process, guest_spec, pod_sandbox_id, runtime_spec_version
+from agent.spec import exec_process, guest_spec, pod_network_sysctls, pod_sandbox_id, runtime_spec_version
 from agent.stdio import ProcessStdio
 from agent.storage import Mounted, unmount_storage
 from agent.volumes import PodVolumes
@@ -116,6 +116,8 @@ class Containers:
             if config.get("ociVersion") != spec.get("ociVersion"):
                 log.info("container %s: ociVersion %s -> %s (what %s implements)", container_id,
                          spec.get("ociVersion"), config.get("ociVersion"), self.runtime.name)
+            for key, value in pod_network_sysctls(spec).items():
+                set_sysctl(key, value)
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(config, f)
             stdio = ProcessStdio(terminal, want_stdin)
@@ -261,3 +263,19 @@ class Containers:
         finally:  # the container is gone either way: so is its share of the pod volumes
             self.volumes.release(container_id)
         return c
+
+
+def set_sysctl(key: str, value: str, proc_sys: str = "/proc/sys") -> None:
+    """Set a (checked: agent/spec.py pod_network_sysctls) sysctl in the agent's own namespaces.
+    Raises InvalidArgument when the kernel has no such key, Internal when it refuses the value."""
+    path = os.path.join(proc_sys, *key.split("."))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)  # never creates
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise InvalidArgument(f"linux.sysctl {key}: no such sysctl in the guest kernel") from None
+    except OSError as e:
+        raise Internal(f"linux.sysctl {key}={value}: {e}") from e

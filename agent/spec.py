@@ -91,6 +91,8 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
     - linux.cgroupsPath is set under the kata-py parent, whatever the host's cgroup driver used;
     - process.terminal follows the request;
     - a hostname gets the UTS namespace it needs;
+    - `net.*` sysctls are removed (without a network namespace of its own the runtime refuses them;
+      pod_network_sysctls gives them to the caller, who sets them on the VM's, i.e. the pod's, network);
     - ociVersion is lowered to `runtime_version` (the runtime-spec version the guest runtime
       implements) when it names a newer minor of the same major (fit_oci_version).
 
@@ -124,9 +126,33 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
         # runc/crun refuse without one; the VM is the pod's host, so a private UTS is right here
         namespaces.append({"type": "uts"})
     linux["namespaces"] = namespaces
+    sysctls = linux.get("sysctl")
+    if isinstance(sysctls, dict):  # net.* ones are the pod network's: see pod_network_sysctls
+        linux["sysctl"] = {k: v for k, v in sysctls.items() if not str(k).startswith("net.")}
     linux["cgroupsPath"] = cgroups_path(container_id)
     if isinstance(out.get("ociVersion"), str) and runtime_version:
         out["ociVersion"] = fit_oci_version(out["ociVersion"], runtime_version)
+    return out
+
+
+_SYSCTL_KEY = re.compile(r"net(\.[A-Za-z0-9_-]+)+")
+
+
+def pod_network_sysctls(spec: dict[str, Any]) -> dict[str, str]:
+    """The spec's `net.*` sysctls (containerd 2.x gives every pod `net.ipv4.ip_unprivileged_port_start`):
+    they belong to the pod's network namespace, which in the guest is the VM's own. Raises
+    InvalidArgument for a key that is not a plain sysctl name (it becomes a /proc/sys path) or a value
+    that is not a string."""
+    sysctls = (spec.get("linux") or {}).get("sysctl") or {}
+    if not isinstance(sysctls, dict):
+        raise InvalidArgument("linux.sysctl must be an object")
+    out = {}
+    for key, value in sysctls.items():
+        if not isinstance(key, str) or not key.startswith("net."):
+            continue
+        if not _SYSCTL_KEY.fullmatch(key) or not isinstance(value, str) or "\n" in value:
+            raise InvalidArgument(f"linux.sysctl {key!r}: not a sysctl name and value")
+        out[key] = value
     return out
 
 
