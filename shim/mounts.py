@@ -49,7 +49,6 @@ _SYS_MOUNT_SETATTR = 442
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
-AT_SYMLINK_NOFOLLOW = 0x100
 AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
@@ -123,12 +122,10 @@ def open_beneath(dir_fd: int, relpath: str, flags: int = os.O_PATH) -> int:
     return _check(rc, f"open {relpath}")
 
 
-def clone_tree(source: str | Path, *, recursive: bool = True, follow: bool = True) -> int:
+def clone_tree(source: str | Path, *, recursive: bool = True) -> int:
     """A detached copy of the mount tree at `source` (open_tree OPEN_TREE_CLONE): nobody sees it until
     attach(). Returns its fd; close it to drop an unattached copy. Raises OSError."""
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
-    if not follow:
-        flags |= AT_SYMLINK_NOFOLLOW
     rc = _libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), os.fsencode(source), ctypes.c_uint(flags))
     return _check(rc, f"open_tree {source}")
 
@@ -150,12 +147,12 @@ def attach(tree_fd: int, target_fd: int) -> None:
     _check(rc, "move_mount")
 
 
-def bind(source: str | Path, target: str | Path, *, readonly: bool, recursive: bool, attrs: int = 0) -> None:
+def bind(source: str | Path, target: str | Path, *, readonly: bool, recursive: bool) -> None:
     """Bind `source` on `target` (a host path of ours), read-only from the first instant when asked
     (down to every submount with `recursive`). Raises OSError."""
     tree = clone_tree(source, recursive=recursive)
     try:
-        set_attributes(tree, attrs | (MOUNT_ATTR_RDONLY if readonly else 0), recursive=True)
+        set_attributes(tree, MOUNT_ATTR_RDONLY if readonly else 0, recursive=True)
         target_fd = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             attach(tree, target_fd)

@@ -282,7 +282,7 @@ class VmSandbox:
         assets = assets or GuestAssets()
         # vmm adds the agent channel and log level keys to the kernel command line itself
         channel: SerialChannel | VsockChannel = (
-            VsockChannel(guest_cid=_guest_cid(self.id)) if vsock_available() else SerialChannel())
+            VsockChannel(guest_cid=guest_cid(self.id)) if vsock_available() else SerialChannel())
         # the guest build knows the kernel arguments its initrd and kernel need
         cmdline_file = guest / "cmdline"
         base = tuple(cmdline_file.read_text().split()) if cmdline_file.is_file() else DEFAULT_KERNEL_PARAMS
@@ -734,8 +734,3 @@ class VmSandbox:
         self.share.unshare(container.id)
         if container.rootfs_mounts:
             mounts.unmount_all(Path(container.bundle) / "rootfs")
-
-
-def _guest_cid(sandbox_id: str) -> int:
-    # the whole id, hashed; start_with_free_cid moves on to the next candidate if it is taken
-    return guest_cid(sandbox_id)

@@ -31,7 +31,6 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from . import mounts
@@ -71,16 +70,12 @@ class GuestShare:
         if self.is_mounted():
             return
         try:
-            self._attach(self.stage, self.exported_fd_target(), _VIEW_ATTRS, recursive=False)
+            self._attach(self.stage, _open_path(self.exported), _VIEW_ATTRS, recursive=False)
         except OSError as exc:
             raise Internal(f"share {self.exported}: {exc}") from exc
 
     def is_mounted(self) -> bool:
         return mounts.is_mount_point(self.exported)
-
-    def exported_fd_target(self) -> int:
-        """An O_PATH fd of shared/ itself (its parent is the host-only state dir)."""
-        return os.open(self.exported, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def close(self) -> None:
         """Take the share off and remove stage/ (what the host made). Idempotent; never raises for
@@ -153,8 +148,7 @@ class GuestShare:
     def _attach_container(self, cid: str, rel: str, source: Path, readonly: bool) -> None:
         attrs = _SUBMOUNT_ATTRS | (mounts.MOUNT_ATTR_RDONLY if readonly else 0)
         try:
-            with _opened_beneath(self.exported, rel) as target:
-                self._attach(source, target, attrs, recursive=True)
+            self._attach(source, _open_beneath(self.exported, rel), attrs, recursive=True)
         except OSError as exc:
             raise Internal(f"container {cid}: sharing {source}: {exc}") from exc
         self._attached.setdefault(cid, []).append(rel)
@@ -176,7 +170,7 @@ class GuestShare:
     def _stub(self, rel: str, *, directory: bool) -> None:
         """Make the mount point `rel` (and its parents) in stage/, walking without links."""
         parts = rel.split("/")
-        fd = os.open(self.stage, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _open_path(self.stage)
         try:
             for i, name in enumerate(parts):
                 last = i == len(parts) - 1
@@ -199,16 +193,18 @@ class GuestShare:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def _opened_beneath(root: Path, rel: str) -> Iterator[int]:
-    """An O_PATH fd of root/rel, resolved strictly beneath root; the caller's to close (or the
-    context's, when the body raised before taking it)."""
-    base = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _open_path(directory: Path) -> int:
+    """An O_PATH fd of a host-only directory of ours (never through a link in its last component)."""
+    return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _open_beneath(root: Path, rel: str) -> int:
+    """An O_PATH fd of root/rel, resolved strictly beneath root (no link, no mount crossing)."""
+    base = _open_path(root)
     try:
-        target = mounts.open_beneath(base, rel, os.O_PATH)
+        return mounts.open_beneath(base, rel, os.O_PATH)
     finally:
         os.close(base)
-    yield target
 
 
 def _overlay_path(path: Path) -> str:

@@ -178,8 +178,7 @@ class Pool:
                     await vm.wait_agent_port_open(self.config.agent.dial_timeout_s)
                 except (VmmError, OSError, trio.TooSlowError) as exc:
                     log.error("pool: cannot prepare a VM: %s", exc)
-                    GuestShare(cfg.state_dir).close()
-                    mounts.remove_tree(cfg.state_dir)
+                    _remove_dir(cfg.state_dir)
                     await trio.sleep(RETRY_AFTER_FAILURE)
                     continue
                 self.ready.append(vm)
