@@ -15,6 +15,7 @@ class OomWatcher:
     def __init__(self, containers: Callable[[], Iterable[tuple[str, str]]]) -> None:
         self._containers = containers
         self._lock = threading.Lock()  # guards _subscribers and _counts
+        self._poll_lock = threading.Lock()  # one poll at a time: the loop's and WaitProcess's
         self._subscribers: list[queue.SimpleQueue[str]] = []
         self._counts: dict[str, int] = {}
         self._stop = threading.Event()
@@ -39,17 +40,18 @@ class OomWatcher:
 
     def poll_once(self) -> None:
         """Compare every counter with the last one seen and publish the difference."""
-        seen: dict[str, int] = {}
-        events: list[str] = []
-        for cid, cgroup_dir in self._containers():
-            n = oom_kills(cgroup_dir)
-            seen[cid] = n
-            events += [cid] * max(0, n - self._counts.get(cid, 0))
-        with self._lock:
-            self._counts = seen  # removed containers drop out here
-            for cid in events:
-                for q in self._subscribers:
-                    q.put(cid)
+        with self._poll_lock:
+            seen: dict[str, int] = {}
+            events: list[str] = []
+            for cid, cgroup_dir in self._containers():
+                n = oom_kills(cgroup_dir)
+                seen[cid] = n
+                events += [cid] * max(0, n - self._counts.get(cid, 0))
+            with self._lock:
+                self._counts = seen  # removed containers drop out here
+                for cid in events:
+                    for q in self._subscribers:
+                        q.put(cid)
 
     def _loop(self) -> None:
         while not self._stop.wait(POLL_INTERVAL):

@@ -281,7 +281,12 @@ class AgentServicer(pb_grpc.AgentServicer):
 
     @_unary
     def WaitProcess(self, request: pb.ProcessRequest, context: Any) -> pb.WaitProcessResponse:
-        return pb.WaitProcessResponse(status=self.containers.wait(_cid(request), _eid(request)))
+        status = self.containers.wait(_cid(request), _eid(request))
+        if not _eid(request):
+            # an OOM-killed init exits before the next poll would see its counter: queue the OOM
+            # event now, ahead of the exit (the shim then publishes TaskOOM before TaskExit)
+            self.oom.poll_once()
+        return pb.WaitProcessResponse(status=status)
 
     @_unary
     def WriteStdin(self, request: pb.WriteStdinRequest, context: Any) -> pb.WriteStdinResponse:

@@ -90,7 +90,7 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
     - AppArmor/SELinux labels are dropped (host policy; the guest kernel does not load it);
     - linux.cgroupsPath is set under the kata-py parent, whatever the host's cgroup driver used;
     - process.terminal follows the request;
-    - a hostname gets the UTS namespace it needs;
+    - a hostname gets the UTS namespace it needs; every container gets a cgroup namespace;
     - `net.*` sysctls are removed (without a network namespace of its own the runtime refuses them;
       pod_network_sysctls gives them to the caller, who sets them on the VM's, i.e. the pod's, network);
     - ociVersion is lowered to `runtime_version` (the runtime-spec version the guest runtime
@@ -125,6 +125,11 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str, terminal: b
         # CRI leaves the UTS namespace out for host-network pods but still sets a hostname, which
         # runc/crun refuse without one; the VM is the pod's host, so a private UTS is right here
         namespaces.append({"type": "uts"})
+    if not any(ns.get("type") == "cgroup" for ns in namespaces):
+        # the guest is cgroup v2: like runc under containerd on a v2 host, each container gets its
+        # own cgroup namespace, so its /sys/fs/cgroup is its own cgroup (memory.max, cpu.max: what
+        # JVMs, Go and .NET size themselves from), whatever the host's cgroup version gave the spec
+        namespaces.append({"type": "cgroup"})
     linux["namespaces"] = namespaces
     sysctls = linux.get("sysctl")
     if isinstance(sysctls, dict):  # net.* ones are the pod network's: see pod_network_sysctls

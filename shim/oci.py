@@ -137,6 +137,31 @@ def validate_spec(spec: Any) -> dict[str, Any]:
     return spec
 
 
+# Host namespaces a VM cannot give a pod: its network and IPC live in the guest kernel. (A host PID
+# namespace is the VM's, as for every container of the pod: kubelet's semantics hold inside the VM.)
+_HOST_NAMESPACES = {"network": "hostNetwork", "ipc": "hostIPC"}
+
+
+def refuse_host_namespaces(spec: dict[str, Any]) -> None:
+    """Raises InvalidArgument for a CRI pod sandbox that asks for the host's network or IPC namespace.
+
+    CRI says so by leaving the namespace out of the sandbox container's spec. Refused before anything
+    starts (the pod fails at RunPodSandbox and nothing is left behind), naming the field; plain `ctr`
+    containers are outside this rule (their VM has its own network either way).
+    """
+    if container_type(spec.get("annotations") or {}) not in SANDBOX_TYPES:
+        return
+    present = {ns.get("type") for ns in (spec.get("linux") or {}).get("namespaces", [])}
+    wanted = [k8s for ns, k8s in _HOST_NAMESPACES.items() if ns not in present]
+    if wanted:
+        fields = " and ".join(f"{k8s}: true" for k8s in wanted)
+        raise InvalidArgument(
+            f"pod asks for the host's namespaces ({fields}; the sandbox spec's linux.namespaces lacks "
+            f"{', '.join(repr(ns) for ns, k8s in _HOST_NAMESPACES.items() if k8s in wanted)}): kata-py runs every "
+            "pod in its own VM, which cannot share the host's network or IPC; run this pod with a runc "
+            "RuntimeClass instead")
+
+
 def load_spec(bundle: str | Path) -> dict[str, Any]:
     """Read and validate <bundle>/config.json. Raises InvalidArgument."""
     path = Path(bundle) / "config.json"

@@ -91,6 +91,8 @@ log = logging.getLogger(__name__)
 
 GUEST_FILES = ("vmlinux", "initrd.img", "rootfs.erofs")
 REMOVE_TIMEOUT_S = 30
+# hot-plug and guest onlining of a few vCPUs and GiB: well under 10 s even under TCG
+RESIZE_TIMEOUT_S = 60
 
 _AGENT_TO_SHIM: list[tuple[type[AgentError], type[ShimError]]] = [
     (AgentNotFound, NotFound), (AgentAlreadyExists, AlreadyExists), (AgentInvalidArgument, InvalidArgument),
@@ -140,7 +142,7 @@ class Sandbox(Protocol):
 
     async def remove_container(self, container: Container, *, sandbox_ending: bool = False) -> None: ...
 
-    async def resources_changed(self, containers: Iterable[Container]) -> None: ...
+    async def resources_changed(self, containers: Iterable[Container], *, wait: bool = False) -> None: ...
 
     async def stop(self) -> None: ...
 
@@ -200,6 +202,15 @@ class VmSandbox:
                     raise FailedPrecondition(f"sandbox {self.id} is not running: create its sandbox container first")
                 await self.start(container.spec, container.bundle)
         timer = PhaseTimer(f"container={container.id}")
+        # the VM grows before the container exists in the guest, as Kata's does: its first instruction
+        # sees every vCPU and byte it asked for (and crun can pin it to a cpuset the VM now has)
+        others = [c for c in self._containers if c.id != container.id]
+        try:
+            await self.resources_changed([*others, container], wait=True)
+        except BaseException:
+            await self.resources_changed(others)
+            raise
+        timer.mark("resized")
         rootfs = self._share_rootfs(container)
         timer.mark("rootfs")
         try:
@@ -211,6 +222,7 @@ class VmSandbox:
                     stdin=container.init.stdio.has_stdin)
         except BaseException:
             self._unshare_rootfs(container)
+            await self.resources_changed(others)
             raise
         timer.mark("agent_create")
         timer.log()
@@ -230,13 +242,21 @@ class VmSandbox:
                 log.warning("container %s: remove in guest failed: %s", container.id, exc)
         self._unshare_rootfs(container)
 
-    async def resources_changed(self, containers: Iterable[Container]) -> None:
-        """Resize the VM toward what its containers ask for; returns without waiting for it."""
+    async def resources_changed(self, containers: Iterable[Container], *, wait: bool = False) -> None:
+        """Resize the VM toward what its containers ask for. `wait`: return once the vCPUs and memory
+        are online in the guest (create and Update: kubelet starts the workload next), raising
+        Unavailable when the VM cannot be resized; otherwise (exits) return at once."""
         self._containers = list(containers)
-        if self.reconciler is not None and self.vm_exit is None:
-            self.reconciler.request()
-            if self._cgroups is not None:
-                self._nursery.start_soon(self._after_resize)
+        if self.reconciler is None or self.vm_exit is not None:
+            return
+        self.reconciler.request()
+        if self._cgroups is not None:
+            self._nursery.start_soon(self._after_resize)
+        if wait:
+            try:
+                await self.reconciler.wait_converged(RESIZE_TIMEOUT_S)
+            except ShimError as exc:
+                raise Unavailable(f"sandbox {self.id}: resizing the VM: {exc}") from exc
 
     def target(self) -> Target:
         """The VM size the running containers ask for (pure arithmetic in resources/sizing.py)."""

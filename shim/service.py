@@ -68,6 +68,7 @@ class TaskService:
         self._stopped = stopped  # ...and sets this once the VM is gone
         self.containers: dict[str, Container] = {}  # guarded by _table_lock for create/delete
         self._table_lock = trio.Lock()
+        self._watching_ooms = False
 
     # --- helpers -------------------------------------------------------------------------------
     def _container(self, cid: str) -> Container:
@@ -117,6 +118,7 @@ class TaskService:
                 raise AlreadyExists(f"container {cid}")
             spec = oci.load_spec(req.bundle)
             role = oci.pod_role(cid, spec.get("annotations", {}))
+            oci.refuse_host_namespaces(spec)
             terminal = bool(req.terminal)
             stdio = HostStdio.open(req.stdin, req.stdout, req.stderr, terminal)
             init = Process(cid, "", stdio, terminal, stdio_paths=(req.stdin, req.stdout, req.stderr), timer=timer)
@@ -133,6 +135,9 @@ class TaskService:
             self.containers[cid] = container
         init.pid = self.sandbox.pid()
         timer.mark("created")
+        if not self._watching_ooms:  # the sandbox's agent is up from the first create on
+            self._watching_ooms = True
+            self._nursery.start_soon(self._publish_ooms)
         self._nursery.start_soon(self._watch, container, init)
         self.publisher.publish(ev.TaskCreate(
             container_id=cid, bundle=req.bundle, rootfs=req.rootfs, pid=init.pid,
@@ -159,8 +164,7 @@ class TaskService:
             else:
                 async with self._agent() as agent:
                     await agent.start_container(container.id)
-                proc.move(State.RUNNING)
-                await self.sandbox.resources_changed(self.containers.values())
+                proc.move(State.RUNNING)  # its resources are in the VM since create
                 self.publisher.publish(ev.TaskStart(container_id=container.id, pid=proc.pid))
             proc.timer.mark("started")
         return pb.StartResponse(pid=proc.pid)
@@ -198,6 +202,18 @@ class TaskService:
         if not proc.exec_id:
             with trio.CancelScope(shield=True):
                 await self.sandbox.resources_changed(self.containers.values())
+
+    async def _publish_ooms(self) -> None:
+        """TaskOOM for every OOM kill the guest reports (kubelet's `OOMKilled` comes from it), for
+        the life of the agent's channel; ids of containers this shim does not hold are dropped."""
+        try:
+            async with agent_errors():
+                async for cid in self.sandbox.agent.oom_events():
+                    if cid in self.containers:
+                        log.info("container %s: OOM kill in the guest", cid)
+                        self.publisher.publish(ev.TaskOOM(container_id=cid))
+        except Exception as exc:  # the VM or agent is gone: nothing more to report
+            log.debug("OOM event stream ended: %s", exc)
 
     async def _pump_output(self, read: Callable[[str, str], Any], cid: str, proc: Process, which: str) -> None:
         try:
@@ -373,7 +389,7 @@ class TaskService:
         async with self._agent() as agent:
             await agent.update_container(container.id, resources)
         container.resources = merge_update(container.resources, update)
-        await self.sandbox.resources_changed(self.containers.values())
+        await self.sandbox.resources_changed(self.containers.values(), wait=True)
         return empty_pb2.Empty()
 
     async def shutdown(self, req: pb.ShutdownRequest) -> empty_pb2.Empty:

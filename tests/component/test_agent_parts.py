@@ -89,7 +89,7 @@ def test_guest_spec_rewrite() -> None:
     out = guest_spec(host, "c1", "/run/kata-py/shared/containers/c1/rootfs", terminal=True)
     assert out["root"] == {"path": "/run/kata-py/shared/containers/c1/rootfs", "readonly": True}
     assert "hooks" not in out and "mountLabel" not in out["linux"]
-    assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "ipc"}]
+    assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "ipc"}, {"type": "cgroup"}]
     assert out["linux"]["cgroupsPath"] == "/kata-py/c1"
     assert out["process"] == {"args": ["sh"], "terminal": True}
     assert host["linux"]["namespaces"][1]["path"] == "/proc/42/ns/ipc"  # input untouched

@@ -55,7 +55,7 @@ class FakeSandbox:
         if not sandbox_ending:
             await self.agent.remove_container(container.id, 5)
 
-    async def resources_changed(self, containers: Iterable[Container]) -> None:
+    async def resources_changed(self, containers: Iterable[Container], *, wait: bool = False) -> None:
         self.resized += 1
 
     async def stop(self) -> None:
@@ -128,7 +128,8 @@ async def test_lifecycle_events_and_exit_status(bundle: Path, caplog: pytest.Log
 async def test_only_the_pods_last_container_skips_the_guest_removal(tmp_path: Path):
     def pod_bundle(name: str, kind: str) -> Path:
         spec = {**SPEC, "annotations": {"io.kubernetes.cri.container-type": kind,
-                                        "io.kubernetes.cri.sandbox-id": "pod"}}
+                                        "io.kubernetes.cri.sandbox-id": "pod"},
+                "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "ipc"}]}}
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(spec))
         return tmp_path / name
@@ -228,3 +229,18 @@ async def test_exec_and_shutdown_only_when_empty(bundle: Path):
         await settle()
         topics = shim.topics()
         assert topics.index("/tasks/exec-added") < topics.index("/tasks/exec-started")
+
+
+async def test_guest_oom_kills_become_task_oom_events(bundle: Path):
+    """kubelet's OOMKilled comes from TaskOOM: each kill the agent reports for a container we hold is
+    published; an id the shim does not hold (hostile or stale) is dropped."""
+    async with running_shim() as shim:
+        shim.sandbox.agent.script("c1", exit_code=None)
+        await shim.call("Create", pb.CreateTaskRequest(id="c1", bundle=str(bundle)), pb.CreateTaskResponse)
+        shim.sandbox.agent.emit_oom("c1")
+        shim.sandbox.agent.emit_oom("not-ours")
+        shim.sandbox.agent.emit_oom("c1")
+        await settle()
+        ooms = [e for e in shim.publisher.published if e.topic == "/tasks/oom"]
+        assert [e.event.container_id for e in ooms] == ["c1", "c1"], shim.topics()
+        assert shim.topics() == ["/tasks/create", "/tasks/oom", "/tasks/oom"]

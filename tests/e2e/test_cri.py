@@ -1,7 +1,8 @@
 """containerd's CRI plugin drives kata-py (issue #7): a pod is one VM; annotations are default-deny.
 
 Our own CRI client (tests/support/cri.py) against a private containerd with the CRI plugin on, runtime
-handler `kata-py`, pods on the host network (NamespaceOption network=NODE: no CNI needed here).
+handler `kata-py`, each pod in its own network namespace on PrivateContainerd's default CNI bridge
+(host-network pods are refused: a VM cannot share the host's network).
 """
 
 from __future__ import annotations
@@ -152,6 +153,41 @@ def test_empty_dirs_are_backed_in_the_guest(cri_env: tuple[PrivateContainerd, Cr
         assert os.listdir(cache) == [] and os.listdir(scratch) == []
     finally:
         subprocess.run(["umount", str(cache)], check=False)
+
+
+def test_pods_asking_for_host_namespaces_are_refused_and_leave_nothing(
+        cri_env: tuple[PrivateContainerd, CriClient, str]):
+    """hostNetwork / hostIPC cannot be given by a VM: RunPodSandbox fails early, naming the field and
+    the way out (a runc RuntimeClass), and no pod, container, shim or QEMU remains."""
+    ctd, client, _busybox = cri_env
+    for name, kwargs, field in (("hostnet", {"host_network": True}, "hostNetwork: true"),
+                                ("hostipc", {"host_ipc": True}, "hostIPC: true")):
+        with pytest.raises(grpc.RpcError) as info:
+            client.run_pod_sandbox(pod_config(name, **kwargs), RUNTIME_HANDLER)
+        assert field in info.value.details() and "runc RuntimeClass" in info.value.details(), info.value.details()
+    assert client.list_pod_sandboxes() == []
+    assert client.list_containers() == []
+    assert not qemu_pids(ctd)
+    wait_for(lambda: not ctd.stray_processes(), 30, "no shim left after refused pods")
+
+
+def test_an_oom_kill_shows_as_oomkilled(cri_env: tuple[PrivateContainerd, CriClient, str]):
+    """The guest's OOM kill reaches containerd as TaskOOM, so CRI (and kubelet) report OOMKilled."""
+    ctd, client, busybox = cri_env
+    pod = pod_config("oom")
+    pod_id = client.run_pod_sandbox(pod, RUNTIME_HANDLER)
+    try:
+        # `tail /dev/zero` holds an endless line in memory: the 48 MiB limit kills it
+        hog = container_config("hog", busybox, ["tail", "/dev/zero"], memory_limit=48 << 20)
+        cid = client.create_container(pod_id, hog, pod)
+        client.start_container(cid)
+        status = wait_for(lambda: (lambda s: s if s.state == 2 else None)(client.container_status(cid)),
+                          120, "the hog exited")  # CONTAINER_EXITED
+        assert (status.reason, status.exit_code) == ("OOMKilled", 137), status
+    finally:
+        client.stop_pod_sandbox(pod_id)
+        client.remove_pod_sandbox(pod_id)
+    wait_for(lambda: not qemu_pids(ctd), 30, "QEMU gone after RemovePodSandbox")
 
 
 def test_refused_annotations_fail_run_pod_sandbox(tmp_path: Path):

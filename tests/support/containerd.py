@@ -8,6 +8,7 @@ its own `ctr`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -119,6 +120,8 @@ disabled_plugins = [{", ".join(disabled)}]
 
 
 class PrivateContainerd:
+    _instances = 0
+
     def __init__(self, kata_config: str = "", cri: bool = False,
                  pod_annotations: tuple[str, ...] = ("io.katacontainers.*",), release: Release = HOST) -> None:
         self.release = release
@@ -140,6 +143,11 @@ class PrivateContainerd:
         self._cgroups_before = namespace_cgroups()  # cleanup() removes only the ones made since
         self._pod_annotations = pod_annotations
         self.cni_conf_dir = self.dir / "cni" / "net.d"
+        # CRI pods get their own network namespace (kata-py refuses host-network pods), wired by
+        # Debian's bridge + host-local plugins to a bridge of this instance's (removed by cleanup)
+        PrivateContainerd._instances += 1
+        self.cni_bridge = f"kpd{os.getpid() % 10000}x{PrivateContainerd._instances % 100}"
+        self._cni_subnet = f"10.{96 + PrivateContainerd._instances // 250 % 4}.{PrivateContainerd._instances % 250}.0/24"
 
     @property
     def ctr_binary(self) -> str:
@@ -158,6 +166,12 @@ class PrivateContainerd:
         cri = None
         if self._cri:
             self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+            # last in name order: a test's own conflist (10-...) comes first and wins
+            (self.cni_conf_dir / "90-kp-default.conflist").write_text(json.dumps({
+                "cniVersion": "0.4.0", "name": "kp-default", "plugins": [{
+                    "type": "bridge", "bridge": self.cni_bridge, "isGateway": True, "ipMasq": False,
+                    "ipam": {"type": "host-local", "ranges": [[{"subnet": self._cni_subnet}]],
+                             "dataDir": str(self.dir / "cni" / "ipam")}}]}))
             cri = cri_section(self.release.major, pause_image=PAUSE_IMAGE_NAME, kata_config=self.kata_config,
                               pod_annotations=self._pod_annotations, cni_conf_dir=self.cni_conf_dir)
         cfg = self.dir / "config.toml"
@@ -249,6 +263,8 @@ class PrivateContainerd:
                 pass
         unmount_all(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._cri:
+            subprocess.run(["ip", "link", "delete", self.cni_bridge], check=False, capture_output=True)
         for group in namespace_cgroups() - self._cgroups_before:  # ours, and nothing left in them
             if not any(child.is_dir() for child in group.iterdir()):
                 try:

@@ -21,10 +21,11 @@ class ExecResult:
     exit_code: int
 
 
-def pod_config(name: str, *, uid: str = "", namespace: str = "default", host_network: bool = True, host_ipc: bool = False,
+def pod_config(name: str, *, uid: str = "", namespace: str = "default", host_network: bool = False, host_ipc: bool = False,
                annotations: Mapping[str, str] | None = None, hostname: str = "",
                log_directory: str = "") -> cri.PodSandboxConfig:
-    """A PodSandboxConfig; host_network=True is NamespaceOption network=NODE (no CNI involved)."""
+    """A PodSandboxConfig: the pod's own network namespace (PrivateContainerd's default CNI bridge)
+    unless host_network (NamespaceOption network=NODE: kata-py refuses it, runc takes it)."""
     ns = cri.NamespaceOption(network=cri.NODE if host_network else cri.POD, pid=cri.CONTAINER, ipc=cri.NODE if host_ipc else cri.POD)
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=uid or f"uid-{name}", namespace=namespace, attempt=0),
@@ -98,6 +99,9 @@ class CriClient:
     def container_status(self, cid: str) -> cri.ContainerStatus:
         req = cri.ContainerStatusRequest(container_id=cid)
         return self.runtime.ContainerStatus(req, timeout=self.timeout).status
+
+    def list_pod_sandboxes(self) -> list[cri.PodSandbox]:
+        return list(self.runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=self.timeout).items)
 
     def list_containers(self, pod_id: str = "") -> list[cri.Container]:
         req = cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id))
