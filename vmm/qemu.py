@@ -25,6 +25,7 @@ from vmm.accel import AccelChoice, detect_accel
 from vmm.cmdline import AGENT_CHARDEV_ID, AGENT_PORT_ID, VIRTIO_MEM_ID, build_argv, root_port_ids
 from vmm.config import MEMORY_BLOCK_MIB, SerialChannel, VmConfig
 from vmm.confine import default_confinement
+from vmm.console import CONSOLE_CHECK_S, ConsoleBound
 from vmm.errors import (
     HotplugError,
     MigrationError,
@@ -178,6 +179,7 @@ class QemuHypervisor:
                 reason = "exited"
                 task_status.started()
                 inner.start_soon(self._kill_on_qmp_eof, proc, self._qmp)
+                inner.start_soon(self._bound_console)
                 with self._qmp_scope:
                     await proc.wait()
                 inner.cancel_scope.cancel()
@@ -193,6 +195,15 @@ class QemuHypervisor:
                 if self._stopping and reason != "start-failed":
                     reason = "stopped"
                 self._finish(VmExit(proc.returncode, reason))
+
+    async def _bound_console(self) -> None:
+        # whoever watches the VM (pool, template build, shim) keeps its console log bounded
+        bound = ConsoleBound(self.config.console_path)
+        while bound.supported:
+            await trio.sleep(CONSOLE_CHECK_S)
+            await trio.to_thread.run_sync(bound.check)
+        log.warning("%s: the console log's filesystem cannot punch holes: it is not bounded",
+                    self.config.console_path)
 
     async def _hold_qmp(self, proc: trio.Process, *, task_status: trio.TaskStatus[QmpClient]) -> None:
         path = self.config.qmp_socket
