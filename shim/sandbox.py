@@ -745,7 +745,11 @@ class VmSandbox:
                 pod_volumes[volume.mount_point] = volume
                 m.update(source=volume.mount_point, type="bind")
                 continue
-            m["source"] = self.share.share_volume(container.id, i, source, readonly="ro" in options)
+            # kubelet's HostToContainer / Bidirectional: the host's later mounts below the volume
+            # reach the container (the other way, a guest's mounts cannot cross the share)
+            follow = bool({"rslave", "slave", "rshared", "shared"} & set(options))
+            m["source"] = self.share.share_volume(container.id, i, source, readonly="ro" in options,
+                                                  follow_host=follow)
             m["type"] = "bind"
         return spec, list(pod_volumes.values())
 

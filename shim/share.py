@@ -98,16 +98,20 @@ class GuestShare:
         self._attach_container(cid, rel, source, False)
         return f"{GUEST_SHARED}/{rel}"
 
-    def share_volume(self, cid: str, index: int, source: str, *, readonly: bool) -> str:
+    def share_volume(self, cid: str, index: int, source: str, *, readonly: bool,
+                     follow_host: bool = False) -> str:
         """Attach host path `source` (a directory or a file, with its submounts) for the container's
-        mount number `index`; returns its path in the guest."""
+        mount number `index`; returns its path in the guest. `follow_host` (an rslave or rshared
+        volume): mounts made on the host below `source` later appear in the guest too (the attached
+        copy is a slave of the source: it receives, it can never send). Read-only volumes never
+        follow: a mount the host adds later would arrive writable."""
         try:
             is_dir = os.path.isdir(source)
         except OSError as exc:
             raise InvalidArgument(f"mount source {source!r}: {exc}") from None
         rel = f"containers/{cid}/mounts/{index}"
         self._stub(rel, directory=is_dir)
-        self._attach_container(cid, rel, Path(source), readonly)
+        self._attach_container(cid, rel, Path(source), readonly, follow_host=follow_host and not readonly)
         return f"{GUEST_SHARED}/{rel}"
 
     def unshare(self, cid: str) -> None:
@@ -145,22 +149,25 @@ class GuestShare:
             raise Internal(f"container {cid}: read-only rootfs overlay: {exc}") from exc
         return top / "root"
 
-    def _attach_container(self, cid: str, rel: str, source: Path, readonly: bool) -> None:
+    def _attach_container(self, cid: str, rel: str, source: Path, readonly: bool, *,
+                          follow_host: bool = False) -> None:
         attrs = _SUBMOUNT_ATTRS | (mounts.MOUNT_ATTR_RDONLY if readonly else 0)
         try:
-            self._attach(source, _open_beneath(self.exported, rel), attrs, recursive=True)
+            self._attach(source, _open_beneath(self.exported, rel), attrs, recursive=True,
+                         propagation=mounts.MS_SLAVE if follow_host else mounts.MS_PRIVATE)
         except OSError as exc:
             raise Internal(f"container {cid}: sharing {source}: {exc}") from exc
         self._attached.setdefault(cid, []).append(rel)
 
     @staticmethod
-    def _attach(source: Path, target_fd: int, attrs: int, *, recursive: bool) -> None:
-        """Clone `source`'s mount tree, set `attrs` on all of it while detached, attach it on
-        target_fd. Closes target_fd."""
+    def _attach(source: Path, target_fd: int, attrs: int, *, recursive: bool,
+                propagation: int = mounts.MS_PRIVATE) -> None:
+        """Clone `source`'s mount tree, set `attrs` and `propagation` on all of it while detached,
+        attach it on target_fd. Closes target_fd."""
         try:
             tree = mounts.clone_tree(source, recursive=recursive)
             try:
-                mounts.set_attributes(tree, attrs, propagation=mounts.MS_PRIVATE, recursive=True)
+                mounts.set_attributes(tree, attrs, propagation=propagation, recursive=True)
                 mounts.attach(tree, target_fd)
             finally:
                 os.close(tree)

@@ -87,6 +87,34 @@ def test_read_only_volume_is_read_only_down_to_its_submounts(share: GuestShare, 
         mounts.umount(vol / "sub")
 
 
+@pytest.mark.parametrize("follow_host, readonly, propagates", [
+    (True, False, True),  # rslave / rshared (kubelet's HostToContainer, Bidirectional)
+    (False, False, False),  # rprivate, the default
+    (True, True, False),  # read-only never follows: a mount arriving later would be writable
+])
+def test_host_mounts_made_later_reach_a_following_volume_only(share: GuestShare, tmp_path: Path,
+                                                              follow_host: bool, readonly: bool, propagates: bool):
+    vol = volume(tmp_path)
+    (vol / "later").mkdir()
+    mounts.mount(str(vol), str(vol), "", mounts.MS_BIND)  # as critest and kubelet make it: a shared mount
+    mounts.mount("", str(vol), "", mounts.MS_SHARED)
+    try:
+        share.share_volume("c1", 0, str(vol), readonly=readonly, follow_host=follow_host)
+        seen = share.exported / "containers/c1/mounts/0"
+        mounts.mount("tmpfs", str(vol / "later"), "tmpfs", 0, "size=1m")
+        (vol / "later" / "flag").write_text("from the host")
+        assert (seen / "later" / "flag").exists() is propagates
+        if propagates:  # a slave: the guest's side can make nothing appear on the host's
+            mounts.mount("tmpfs", str(seen / "later"), "tmpfs", 0, "size=1m")
+            assert (vol / "later" / "flag").exists()
+            mounts.umount(seen / "later")
+        share.unshare("c1")
+        assert (vol / "later" / "flag").read_text() == "from the host", "unshare took the host's mount"
+    finally:
+        mounts.umount(vol)
+    assert (vol / "data").read_bytes() == b"user data\n" * 100
+
+
 def test_file_volume(share: GuestShare, tmp_path: Path):
     f = tmp_path / "resolv.conf"
     f.write_text("nameserver 127.0.0.1\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from protos.k8s.cri.v1 import api_pb2 as cri
 from shim.config import Config
 from tests.support.containerd import EVERY_RELEASE, RUNTIME_HANDLER, PrivateContainerd
 from tests.support.containerd_releases import HOST, Release
@@ -187,6 +188,63 @@ def test_an_oom_kill_shows_as_oomkilled(cri_env: tuple[PrivateContainerd, CriCli
     finally:
         client.stop_pod_sandbox(pod_id)
         client.remove_pod_sandbox(pod_id)
+    wait_for(lambda: not qemu_pids(ctd), 30, "QEMU gone after RemovePodSandbox")
+
+
+def test_a_container_sees_its_own_cgroup_and_its_updates(cri_env: tuple[PrivateContainerd, CriClient, str]):
+    """As runc gives them on a cgroup v2 host: a cgroup namespace, and /sys/fs/cgroup showing the
+    container's own limits (JVMs, Go and .NET size themselves from memory.max and cpu.max), also
+    after UpdateContainerResources."""
+    ctd, client, busybox = cri_env
+    pod = pod_config("cgroups")
+    pod_id = client.run_pod_sandbox(pod, RUNTIME_HANDLER)
+    try:
+        config = container_config("app", busybox, ["sh", "-c", "while :; do sleep 1; done"],
+                                  cpu_quota=50_000, cpu_period=100_000, memory_limit=128 << 20)
+        cid = client.create_container(pod_id, config, pod)
+        client.start_container(cid)
+        probe = ["sh", "-c", "cat /proc/self/cgroup /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max"]
+        res = client.exec_sync(cid, probe)
+        assert res.exit_code == 0, res
+        assert res.stdout.decode().splitlines() == ["0::/", str(128 << 20), "50000 100000"], res
+        client.update_container_resources(cid, cpu_quota=150_000, cpu_period=100_000, memory_limit=256 << 20)
+        res = client.exec_sync(cid, probe)
+        assert res.stdout.decode().splitlines() == ["0::/", str(256 << 20), "150000 100000"], res
+    finally:
+        client.stop_pod_sandbox(pod_id)
+        client.remove_pod_sandbox(pod_id)
+    wait_for(lambda: not qemu_pids(ctd), 30, "QEMU gone after RemovePodSandbox")
+
+
+def test_host_mounts_propagate_into_host_to_container_volumes(cri_env: tuple[PrivateContainerd, CriClient, str],
+                                                             tmp_path: Path):
+    """kubelet's HostToContainer (rslave) and Bidirectional (rshared): a mount the host makes below the
+    volume after the container started shows in the container (through the share, a slave of the
+    host's mount). The other way cannot cross the share: a container's own mount stays in the VM."""
+    ctd, client, busybox = cri_env
+    vol = tmp_path / "vol"
+    (vol / "later").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(vol), str(vol)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(vol)], check=True)
+    pod = pod_config("propagation")
+    pod_id = client.run_pod_sandbox(pod, RUNTIME_HANDLER)
+    try:
+        loop = ["sh", "-c", "while :; do sleep 1; done"]
+        cids = {}
+        for name, mode in (("slave", cri.PROPAGATION_HOST_TO_CONTAINER), ("shared", cri.PROPAGATION_BIDIRECTIONAL),
+                           ("private", cri.PROPAGATION_PRIVATE)):
+            cids[name] = client.create_container(
+                pod_id, container_config(name, busybox, loop, mounts={"/vol": str(vol)}, propagation=mode), pod)
+            client.start_container(cids[name])
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(vol / "later")], check=True)
+        (vol / "later" / "flag").write_text("mounted on the host")
+        for name, expected in (("slave", b"flag\n"), ("shared", b"flag\n"), ("private", b"")):
+            res = client.exec_sync(cids[name], ["ls", "-A", "/vol/later"])
+            assert (res.exit_code, res.stdout) == (0, expected), (name, res)
+    finally:
+        client.stop_pod_sandbox(pod_id)
+        client.remove_pod_sandbox(pod_id)
+        subprocess.run(["umount", "-l", str(vol)], check=False)
     wait_for(lambda: not qemu_pids(ctd), 30, "QEMU gone after RemovePodSandbox")
 
 

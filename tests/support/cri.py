@@ -36,8 +36,10 @@ def pod_config(name: str, *, uid: str = "", namespace: str = "default", host_net
 def container_config(name: str, image: str, command: Sequence[str], *, args: Sequence[str] = (),
                      env: Mapping[str, str] | None = None, log_path: str = "",
                      cpu_quota: int = 0, cpu_period: int = 0, memory_limit: int = 0,
-                     mounts: Mapping[str, str] | None = None, host_pid: bool = False) -> cri.ContainerConfig:
-    """mounts: container path -> host path (read-write), as kubelet passes a pod's volumes;
+                     mounts: Mapping[str, str] | None = None, host_pid: bool = False,
+                     propagation: int = 0) -> cri.ContainerConfig:
+    """mounts: container path -> host path (read-write), as kubelet passes a pod's volumes, with
+    `propagation` (cri.PROPAGATION_*) for each;
     host_pid: the container shares the pid namespace of its host (the VM, for kata-py)."""
     resources = cri.LinuxContainerResources(cpu_quota=cpu_quota, cpu_period=cpu_period,
                                             memory_limit_in_bytes=memory_limit)
@@ -46,7 +48,7 @@ def container_config(name: str, image: str, command: Sequence[str], *, args: Seq
     return cri.ContainerConfig(
         metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image), command=list(command),
         args=list(args), envs=[cri.KeyValue(key=k, value=v.encode()) for k, v in (env or {}).items()],
-        mounts=[cri.Mount(container_path=c, host_path=h) for c, h in (mounts or {}).items()],
+        mounts=[cri.Mount(container_path=c, host_path=h, propagation=propagation) for c, h in (mounts or {}).items()],
         log_path=log_path, linux=cri.LinuxContainerConfig(resources=resources, security_context=security))
 
 
