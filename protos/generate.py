@@ -66,8 +66,9 @@ def rewrite(text: str) -> str:
 
 
 def refresh_sources() -> None:
-    if not GOCODE.is_dir():
-        print(f"{GOCODE} missing: keeping the committed .proto copies", file=sys.stderr)
+    missing = [src for src in UPSTREAM if not (GOCODE / src).is_file()]
+    if missing:  # another Debian Go package may make GOCODE without containerd's sources
+        print(f"{GOCODE / missing[0]} missing: keeping the committed .proto copies", file=sys.stderr)
         return
     for src, dst in UPSTREAM.items():
         target = HERE / dst

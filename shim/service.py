@@ -120,7 +120,8 @@ class TaskService:
             role = oci.pod_role(cid, spec.get("annotations", {}))
             oci.refuse_host_namespaces(spec)
             terminal = bool(req.terminal)
-            stdio = HostStdio.open(req.stdin, req.stdout, req.stderr, terminal)
+            stdio = await HostStdio.open(req.stdin, req.stdout, req.stderr, terminal, process_id=cid,
+                                         namespace=self.publisher.namespace)
             init = Process(cid, "", stdio, terminal, stdio_paths=(req.stdin, req.stdout, req.stderr), timer=timer)
             try:
                 resources = ContainerResources.from_oci((spec.get("linux") or {}).get("resources"))
@@ -277,7 +278,8 @@ class TaskService:
             if exec_id in container.execs:
                 raise AlreadyExists(f"exec {exec_id} of container {container.id}")
             container.init.require("exec in", State.RUNNING)
-            stdio = HostStdio.open(req.stdin, req.stdout, req.stderr, bool(req.terminal))
+            stdio = await HostStdio.open(req.stdin, req.stdout, req.stderr, bool(req.terminal),
+                                         process_id=exec_id, namespace=self.publisher.namespace)
             container.execs[exec_id] = Process(container.id, exec_id, stdio, bool(req.terminal), spec=spec,
                                                stdio_paths=(req.stdin, req.stdout, req.stderr))
         self.publisher.publish(ev.TaskExecAdded(container_id=container.id, exec_id=exec_id))

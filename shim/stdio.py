@@ -1,10 +1,13 @@
-"""Host side of a process's stdio: containerd's fifos (or file:// URIs) and the pumps to the agent.
+"""Host side of a process's stdio: containerd's fifos, file:// logs or a binary:// logger, and the
+pumps to the agent.
 
 Everything is opened during Create/Exec, before we reply, so output written right after Start is never
 lost. stdout/stderr fifos are opened O_RDWR: a handle that never sees ENXIO/EPIPE while containerd's
 reader is away. stdin is a reader plus a keep-alive writer: without the writer the reader would see EOF
 whenever containerd's own writer is absent; CloseIO closes the keep-alive, so EOF arrives once
-containerd's writer is closed too (protocols.md §5).
+containerd's writer is closed too (protocols.md §5). A binary:// logger (shim/binlog.py) gets the
+read ends of two pipes whose write ends stand where the fifos would; the pump that closes the last of
+them waits for the logger to exit, before the process's exit is reported.
 """
 
 from __future__ import annotations
@@ -14,34 +17,31 @@ import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import trio
 
+from .binlog import LoggerProcess
 from .errors import InvalidArgument
+from .stdio_uri import Fifo, LogFile, Logger, Target, parse_outputs
 
 log = logging.getLogger(__name__)
 CHUNK = 32 * 1024
 
 
-def _open_output(uri: str) -> int | None:
-    if not uri:
+def _open_output(target: Target | None) -> int | None:
+    """Open a fifo or file:// target; raises OSError, InvalidArgument."""
+    if target is None:
         return None
-    parsed = urlparse(uri)
-    scheme = parsed.scheme or "fifo"
-    if scheme == "file":
-        path = parsed.path
-        os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    if scheme != "fifo":
-        raise InvalidArgument(f"unknown STDIO scheme {scheme}")
-    path = parsed.path if parsed.scheme else uri
+    if isinstance(target, LogFile):
+        os.makedirs(os.path.dirname(target.path) or "/", mode=0o755, exist_ok=True)
+        return os.open(target.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    assert isinstance(target, Fifo)
     try:
-        is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+        is_fifo = stat.S_ISFIFO(os.stat(target.path).st_mode)
     except FileNotFoundError:
-        raise InvalidArgument(f"stdio path {path} does not exist") from None
+        raise InvalidArgument(f"stdio path {target.path} does not exist") from None
     flags = (os.O_RDWR | os.O_NONBLOCK) if is_fifo else (os.O_WRONLY | os.O_APPEND)
-    return os.open(path, flags | os.O_CLOEXEC)
+    return os.open(target.path, flags | os.O_CLOEXEC)
 
 
 @dataclass
@@ -53,19 +53,33 @@ class HostStdio:
     stdin_keepalive: int | None = None
     stdout: int | None = None
     stderr: int | None = None
+    logger: LoggerProcess | None = None  # binary://: ended by the pumps (or close())
     _streams: list[trio.lowlevel.FdStream] = field(default_factory=list)
 
     @classmethod
-    def open(cls, stdin: str, stdout: str, stderr: str, terminal: bool) -> HostStdio:
-        """Raises InvalidArgument for unsupported URIs or missing paths."""
+    async def open(cls, stdin: str, stdout: str, stderr: str, terminal: bool, *, process_id: str = "",
+                   namespace: str = "") -> HostStdio:
+        """Open the host ends; a binary:// stdout starts its logger (named CONTAINER_ID=`process_id`,
+        the container's or the exec's id as the runc shim does, in `namespace`) and waits until it is
+        ready. Raises InvalidArgument for unsupported URIs or missing paths, DeadlineExceeded or
+        Unavailable for a logger that does not get ready."""
+        out, err = parse_outputs(stdout, stderr)
+        if stdin and not stdin.startswith("/"):
+            raise InvalidArgument(f"stdin {stdin!r}: the path must be absolute")
         io = cls(terminal)
         try:
             if stdin:
                 io.stdin_reader = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 io.stdin_keepalive = os.open(stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            io.stdout = _open_output(stdout)
-            # with a terminal the pty merges both streams onto stdout; nothing goes to stderr
-            io.stderr = None if terminal else _open_output(stderr)
+            if isinstance(out, Logger):
+                io.logger, io.stdout, io.stderr = await LoggerProcess.start(
+                    out, process_id=process_id, namespace=namespace)
+                if terminal:  # the pty merges both streams onto stdout: the logger's fd 4 sees EOF now
+                    io.close_output("stderr")
+            else:
+                io.stdout = _open_output(out)
+                # with a terminal the pty merges both streams onto stdout; nothing goes to stderr
+                io.stderr = None if terminal else _open_output(err)
         except OSError as exc:
             io.close()
             raise InvalidArgument(f"cannot open stdio: {exc}") from None
@@ -93,6 +107,7 @@ class HostStdio:
             os.close(fd)
 
     def close(self) -> None:
+        """Close every fd; a logger still here (its process never ran: no pump took it) is killed."""
         for name in ("stdin_reader", "stdin_keepalive", "stdout", "stderr"):
             fd = getattr(self, name)
             setattr(self, name, None)
@@ -101,6 +116,16 @@ class HostStdio:
                     os.close(fd)
                 except OSError:
                     pass
+        logger, self.logger = self.logger, None
+        if logger is not None:
+            logger.kill()
+
+    async def outputs_done(self) -> None:
+        """After a pump closed its output: once both are closed, the logger (if any) gets EOF on both
+        pipes; wait for it to exit (bounded; it is killed otherwise)."""
+        if self.stdout is None and self.stderr is None and self.logger is not None:
+            logger, self.logger = self.logger, None
+            await logger.stop()
 
     def _stream(self, name: str) -> trio.lowlevel.FdStream | None:
         fd = getattr(self, name)
@@ -137,6 +162,7 @@ async def pump_output(source: AsyncIterator[bytes], io: HostStdio, which: str,
             with trio.CancelScope(shield=True):
                 await stream.aclose()
         io.close_output(which)
+        await io.outputs_done()
     return copied
 
 
