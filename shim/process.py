@@ -111,4 +111,6 @@ class Container:
             raise NotFound(f"exec {exec_id} of container {self.id}") from None
 
     def running(self) -> bool:
-        return self.init.state in (State.RUNNING, State.PAUSED)
+        """Whether its resources belong in the VM: from create on (the workload's first instruction
+        must find them, as in Kata, where only a stopped container gives them back) until it exits."""
+        return self.init.state in (State.CREATED, State.RUNNING, State.PAUSED)
