@@ -9,16 +9,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import leaks
+from tests.support import leaks, owned
 from tests.support.containerd import PrivateContainerd
 from tests.support.containerd_releases import HOST, Release
 
 REAL_PROCESS_MARKERS = ("vm", "containerd")
+owned.mark_this_run()  # before any test starts a process: every child inherits the run's mark
 
 
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Tests marked vm/containerd must leave no process, socket, mount, netns, tap or cgroup behind."""
+    """Tests marked vm/containerd must leave no process, socket, mount, netns, tap or cgroup behind;
+    only what this run started or made is watched, and only its processes are killed."""
     if not any(request.node.get_closest_marker(m) for m in REAL_PROCESS_MARKERS):
         yield
         return

@@ -18,6 +18,7 @@ import pytest
 
 from protos.k8s.cri.v1 import api_pb2 as cri
 from shim.config import Config
+from tests.support import owned
 from tests.support.containerd import EVERY_RELEASE, RUNTIME_HANDLER, PrivateContainerd
 from tests.support.containerd_releases import HOST, Release
 from tests.support.cri import CriClient, container_config, pod_config
@@ -178,8 +179,9 @@ def test_an_oom_kill_shows_as_oomkilled(cri_env: tuple[PrivateContainerd, CriCli
     pod = pod_config("oom")
     pod_id = client.run_pod_sandbox(pod, RUNTIME_HANDLER)
     try:
-        # `tail /dev/zero` holds an endless line in memory: the 48 MiB limit kills it
-        hog = container_config("hog", busybox, ["tail", "/dev/zero"], memory_limit=48 << 20)
+        # a shell string that doubles without end: the 48 MiB limit kills it
+        hog = container_config("hog", busybox, ["sh", "-c", "x=0123456789; while :; do x=$x$x; done"],
+                               memory_limit=48 << 20)
         cid = client.create_container(pod_id, hog, pod)
         client.start_container(cid)
         status = wait_for(lambda: (lambda s: s if s.state == 2 else None)(client.container_status(cid)),
@@ -270,7 +272,7 @@ def test_refused_annotations_fail_run_pod_sandbox(tmp_path: Path):
 def test_two_cni_pods_on_one_bridge_reach_each_other(tmp_path: Path, containerd_release: Release):
     """Pods whose netns CNI made (bridge + host-local, Debian's plugins): the shim mirrors each netns
     into its VM, and one pod's container reaches the other's over the bridge."""
-    bridge = f"kpcni{os.getpid() % 10000}"
+    bridge = owned.test_name("kpcni")
     ctd = PrivateContainerd(cri=True, release=containerd_release)
     ctd.cni_conf_dir.mkdir(parents=True, exist_ok=True)
     (ctd.cni_conf_dir / "10-kp.conflist").write_text(json.dumps({

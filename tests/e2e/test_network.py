@@ -9,12 +9,12 @@ that no tap, qdisc or QEMU is left.
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from tests.support import owned
 from tests.support.containerd import RUNTIME, PrivateContainerd
 from tests.support.vmprocs import qemu_pids, wait_for
 
@@ -37,7 +37,7 @@ class PodNet:
 
 @pytest.fixture
 def two_netns() -> Iterator[tuple[PodNet, PodNet]]:
-    tag = uuid.uuid4().hex[:6]
+    tag = owned.test_name("")  # the run's tag + a counter: the leak check knows them
     bridge = f"kpbr{tag}"
     pods = (PodNet(f"kpnet-{tag}-a", "10.99.0.10"), PodNet(f"kpnet-{tag}-b", "10.99.0.11"))
     try:
@@ -101,7 +101,7 @@ def test_two_vms_on_one_bridge_reach_each_other(containerd: PrivateContainerd,
 @pytest.fixture
 def one_netns() -> Iterator[PodNet]:
     """A netns whose eth0 (10.99.0.10/24, default via 10.99.0.1) pairs with a veth in the host netns."""
-    tag = uuid.uuid4().hex[:6]
+    tag = owned.test_name("")  # the run's tag + a counter: the leak check knows them
     pod = PodNet(f"kpnet-{tag}-f", "10.99.0.10")
     try:
         ip("netns", "add", pod.netns)

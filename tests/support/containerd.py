@@ -23,6 +23,7 @@ import pytest
 
 from shim.mounts import unmount_all
 
+from . import owned
 from .containerd_releases import HOST, RELEASES, Release, bin_dir
 from .images import IMAGE_NAME, PAUSE_CMD, PAUSE_IMAGE_NAME, build_oci_tar
 
@@ -50,7 +51,8 @@ def namespace_cgroups() -> set[Path]:
 def cri_section(major: int, *, pause_image: str, kata_config: Path, pod_annotations: tuple[str, ...],
                 cni_conf_dir: Path) -> str:
     """The CRI plugin's settings: our pause image, runtime handler kata-py (as packaging/containerd),
-    in the layout of containerd `major` (checked against each release's `containerd config default`)."""
+    in the layout of containerd `major` (checked against each release's `containerd config default`).
+    Pod netns are mounted under the private state dir, not the host's /run/netns: the run's own."""
     patterns = ", ".join(f'"{p}"' for p in pod_annotations)
     if major >= 2:
         runtime, images = 'plugins."io.containerd.cri.v1.runtime"', 'plugins."io.containerd.cri.v1.images"'
@@ -63,6 +65,7 @@ def cri_section(major: int, *, pause_image: str, kata_config: Path, pod_annotati
   stream_server_port = "0"
 [{runtime}]
   disable_apparmor = true
+  netns_mounts_under_state_dir = true
 [{runtime}.containerd]
   default_runtime_name = "runc"
 """
@@ -77,6 +80,7 @@ def cri_section(major: int, *, pause_image: str, kata_config: Path, pod_annotati
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   disable_apparmor = true
+  netns_mounts_under_state_dir = true
 [{runtime}.containerd]
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
@@ -146,7 +150,7 @@ class PrivateContainerd:
         # CRI pods get their own network namespace (kata-py refuses host-network pods), wired by
         # Debian's bridge + host-local plugins to a bridge of this instance's (removed by cleanup)
         PrivateContainerd._instances += 1
-        self.cni_bridge = f"kpd{os.getpid() % 10000}x{PrivateContainerd._instances % 100}"
+        self.cni_bridge = owned.test_name("kpd")
         self._cni_subnet = f"10.{96 + PrivateContainerd._instances // 250 % 4}.{PrivateContainerd._instances % 250}.0/24"
 
     @property

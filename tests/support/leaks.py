@@ -1,33 +1,40 @@
-"""What a test may leave behind, snapshotted before and compared after.
+"""What a test may leave behind, snapshotted before and compared after: only what this run owns.
 
-Processes (QEMU, shims, containerd, agents), shim sockets, mounts, network namespaces, tap devices
-and kata-py cgroups. A test that leaks fails, naming what it left.
+Processes carrying the run's mark (tests/support/owned.py: containerd, shims, QEMU, loggers, anything
+the run started), shim sockets that are stale or held by such a process, mounts below directories the
+run made, network namespaces and bridges named with the run's tag (owned.test_name), kata-py taps,
+and kata-py cgroups. A test that
+leaks fails, naming what it left. A host with live pods, or another suite beside this one, is neither
+blamed nor touched: their processes lack the mark, their mounts are elsewhere.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import owned
 from .containerd import namespace_cgroups
 
-WATCHED_PROGRAMS = ("containerd", "containerd-shim-kata-py-v2")  # by argv[0]'s basename
-WATCHED_PROCESSES = ("qemu-system", "-m shim ", "-m agent ")  # anywhere in the command line
+SHIM_SOCKETS = "/run/containerd/s"
+TEST_DIR = re.compile(r"(kp|ttrpc)")  # the prefixes of the suite's temp dirs under /tmp
+_TAP = re.compile(r"tap\d+_kp")  # shim/network/translate.py's tap names
 
 
 def _processes() -> set[str]:
     found = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid() or not owned.process_is_ours(int(pid)):
             continue
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip()
-        program = os.path.basename(raw.split(b"\0", 1)[0].decode(errors="replace"))
-        if program in WATCHED_PROGRAMS or any(w in cmd + " " for w in WATCHED_PROCESSES):
+        if raw:  # a zombie has none: its parent (ours) reaps it
+            cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip()
             found.add(f"{pid}: {cmd[:160]}")
     return found
 
@@ -39,9 +46,28 @@ def _listdir(path: str) -> set[str]:
         return set()
 
 
+_session_temp_dirs: set[str] | None = None
+
+
+def _run_dirs() -> set[str]:
+    """The suite's temp dirs under /tmp made since the run began (with the explicitly owned ones)."""
+    global _session_temp_dirs
+    now = {p for p in _listdir(tempfile.gettempdir()) if TEST_DIR.match(os.path.basename(p))}
+    if _session_temp_dirs is None:
+        _session_temp_dirs = now  # the first snapshot of the run: what was there is not ours
+    return (now - _session_temp_dirs) | owned.roots()
+
+
 def _mounts() -> set[str]:
+    roots = _run_dirs()
     with open("/proc/self/mountinfo") as f:
-        return {line.split()[4] for line in f}
+        points = {line.split()[4] for line in f}
+    return {p for p in points if any(p == r or p.startswith(r + "/") for r in roots)
+            or (p.startswith("/run/netns/") and _test_named(os.path.basename(p)))}
+
+
+def _test_named(name: str) -> bool:
+    return owned.is_test_named(name)
 
 
 def _cgroups() -> set[str]:
@@ -54,7 +80,47 @@ def _cgroups() -> set[str]:
 
 
 def _links() -> set[str]:
-    return {n for n in _listdir("/sys/class/net") if "tap" in n.rsplit("/", 1)[-1]}
+    return {p for p in _listdir("/sys/class/net") if _TAP.fullmatch(os.path.basename(p)) or _test_named(os.path.basename(p))}
+
+
+def _netns() -> set[str]:
+    return {p for p in _listdir("/run/netns") if _test_named(os.path.basename(p))}
+
+
+def _socket_holders() -> dict[str, int]:
+    """Path -> inode of every bound unix socket below SHIM_SOCKETS."""
+    out = {}
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7].startswith(SHIM_SOCKETS + "/"):
+                    out[fields[7]] = int(fields[6])
+    except OSError:
+        pass
+    return out
+
+
+def _held_by_us(inode: int) -> bool:
+    target = f"socket:[{inode}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if not owned.process_is_ours(int(pid)):
+            continue
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _ours(new_sockets: list[str]) -> list[str]:
+    """Of the new shim sockets, those that are ours: stale (nobody listens) or held by our process."""
+    if not new_sockets:
+        return []
+    holders = _socket_holders()
+    return [s for s in new_sockets if s not in holders or _held_by_us(holders[s])]
 
 
 @dataclass(frozen=True)
@@ -68,13 +134,16 @@ class Snapshot:
 
 
 def snapshot() -> Snapshot:
-    return Snapshot(frozenset(_processes()), frozenset(_listdir("/run/containerd/s")), frozenset(_mounts()),
-                    frozenset(_listdir("/run/netns")), frozenset(_links()), frozenset(_cgroups()))
+    owned.mark_this_run()
+    return Snapshot(frozenset(_processes()), frozenset(_listdir(SHIM_SOCKETS)), frozenset(_mounts()),
+                    frozenset(_netns()), frozenset(_links()), frozenset(_cgroups()))
 
 
 def leaked(before: Snapshot, after: Snapshot) -> list[str]:
     out = []
     for field in ("processes", "sockets", "mounts", "netns", "links", "cgroups"):
         new = sorted(getattr(after, field) - getattr(before, field))
+        if field == "sockets":
+            new = _ours(new)
         out += [f"{field}: {item}" for item in new]
     return out
