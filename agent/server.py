@@ -5,6 +5,7 @@ RPCs hold a thread each, hence the generous pool.
 """
 
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import empty_pb2
 
-from agent import __version__, cgroups, guest, network
+from agent import __version__, cgroups, guest, network, portforward
 from agent.containers import Containers
 from agent.errors import (
     AgentError,
@@ -44,6 +45,7 @@ _CODES: dict[type[AgentError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    portforward.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _EMPTY = empty_pb2.Empty()
 log = logging.getLogger("agent")
@@ -149,6 +151,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         # `ip` runs through the reaper: it reaps every child (PID 1 in the guest), so a plain
         # subprocess would find its child gone and report exit 0 — an `ip` failure lost
         self.network = network.Network(network.Ip(reaped_run(reaper)))
+        self.forwarder = portforward.Forwarder()
 
     # --- sandbox ---
     @_unary
@@ -362,6 +365,23 @@ class AgentServicer(pb_grpc.AgentServicer):
                 yield pb.OOMEvent(container_id=cid)
         finally:
             self.oom.unsubscribe(q)
+
+    # --- port forwarding (see agent/portforward.py) ---
+    @_streaming
+    def PortForward(self, requests: Iterator[pb.PortForwardFrame],
+                    context: Any) -> Iterator[pb.PortForwardFrame]:
+        first = next(requests, None)
+        if first is None:  # the host gave up before asking
+            return
+        target = portforward.parse_target(first.port, first.family)
+        incoming = (f.data for f in itertools.chain((first,), requests) if f.data)
+        for chunk in self.forwarder.forward(target, incoming, context.add_callback):
+            if chunk is None:
+                yield pb.PortForwardFrame(eof=True)
+            elif not chunk:
+                yield pb.PortForwardFrame(connected=True)
+            else:
+                yield pb.PortForwardFrame(data=chunk)
 
     # --- health ---
     def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:

@@ -10,13 +10,17 @@ Scripting a process (init process: exec_id ""):
 Driving it: `fake.exit("c1", "", 0)`, `fake.emit_stdout(...)`, `fake.emit_oom("c1")`.
 Faults: `fake.fail("start_container", AgentInternal("boom"))` (next call, `times=` for more),
 `fake.hang("wait_process")` (blocks until cancelled), `fake.release("wait_process")`.
+Port forwarding: `fake.listen(8080)` (an echo server) or `fake.listen(8080, handler)`, where the async
+`handler(conn)` serves each connection (`conn.receive()` -> b"" at the host's eof, `conn.send()`,
+`conn.send_eof()`; raising resets it); a port nobody listens on is refused.
 """
 
 from __future__ import annotations
 
 import enum
 import signal as signals
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +30,7 @@ from agent_client.errors import (
     AgentAlreadyExists,
     AgentError,
     AgentFailedPrecondition,
+    AgentInternal,
     AgentNotFound,
     AgentUnavailable,
 )
@@ -36,6 +41,7 @@ from agent_client.protocol import (
     GuestDetails,
     Interface,
     OnlineResources,
+    PortForwardStream,
     Route,
     Storage,
 )
@@ -123,6 +129,48 @@ class FakeContainer:
     stats: ContainerStats = field(default_factory=ContainerStats)
 
 
+class FakeConnection:
+    """One end of a fake forwarded connection (the host's is a PortForwardStream, the guest's the
+    handler's `conn`): bytes in, bytes out, b"" after the peer's eof."""
+
+    def __init__(self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes],
+                 broken: list[AgentError]) -> None:
+        self._send, self._receive, self._broken = send, receive, broken
+        self.eof_sent = self.eof_received = False
+
+    async def send(self, data: bytes) -> None:
+        self._check()
+        if data:
+            try:
+                await self._send.send(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._check()
+                raise AgentInternal("port-forward: peer gone", method="port_forward") from None
+
+    async def send_eof(self) -> None:
+        self.eof_sent = True
+        await self._send.aclose()
+
+    async def receive(self) -> bytes:
+        """What the peer sent before it broke still arrives; then its error."""
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._check()
+            self.eof_received = True
+            return b""
+
+    def _check(self) -> None:
+        if self._broken:
+            raise self._broken[0]
+
+
+async def _echo(conn: FakeConnection) -> None:
+    while data := await conn.receive():
+        await conn.send(data)
+    await conn.send_eof()
+
+
 @dataclass(frozen=True)
 class Call:
     method: str
@@ -145,6 +193,8 @@ class FakeAgent:
         self.neighbors: list[ArpNeighbor] = []
         self.serving = True
         self.closed = False
+        self.listeners: dict[int, Callable[[FakeConnection], Awaitable[None]]] = {}
+        self.forwarded_live = 0  # port-forward connections open now
         self._scripts: dict[tuple[str, str], Script] = {}
         self._failures: dict[str, list[AgentError]] = {}
         self._hangs: dict[str, trio.Event] = {}
@@ -184,6 +234,10 @@ class FakeAgent:
 
     def emit_oom(self, cid: str) -> None:
         self._oom_send.send_nowait(cid)
+
+    def listen(self, port: int, handler: Callable[[FakeConnection], Awaitable[None]] = _echo) -> None:
+        """Let port_forward reach `port`; `handler(conn)` serves each connection (default: echo)."""
+        self.listeners[port] = handler
 
     def methods_called(self) -> list[str]:
         return [c.method for c in self.calls]
@@ -464,6 +518,45 @@ class FakeAgent:
     async def list_routes(self) -> list[Route]:
         await self._enter("list_routes")
         return list(self.routes)
+
+    # --- port forwarding: the guest's listeners are those the test made with `listen()` ---
+    @asynccontextmanager
+    async def port_forward(self, port: int, family: int = 4) -> AsyncIterator[PortForwardStream]:
+        await self._enter("port_forward", port, family)
+        handler = self.listeners.get(port)
+        if handler is None:
+            raise AgentFailedPrecondition(f"port {port} in the pod: connect 127.0.0.1: Connection refused",
+                                          method="port_forward")
+        to_guest_send, to_guest_receive = trio.open_memory_channel[bytes](4)
+        to_host_send, to_host_receive = trio.open_memory_channel[bytes](4)
+        broken: list[AgentError] = []
+        host = FakeConnection(to_guest_send, to_host_receive, broken)
+        guest = FakeConnection(to_host_send, to_guest_receive, broken)
+
+        done = trio.Event()
+
+        async def serve() -> None:
+            try:
+                await handler(guest)
+                done.set()
+            except Exception as exc:  # the guest's connection broke: the host's calls fail
+                broken.append(AgentInternal(f"port-forward: {exc}", method="port_forward"))
+                await to_host_send.aclose()
+                await to_guest_receive.aclose()
+
+        self.forwarded_live += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                try:
+                    yield host
+                    if host.eof_sent and host.eof_received:  # as the real one: the guest finishes
+                        with trio.move_on_after(5):
+                            await done.wait()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.forwarded_live -= 1
 
     async def oom_events(self) -> AsyncIterator[str]:
         await self._enter("oom_events")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -27,9 +28,10 @@ import grpc
 import trio
 from google.protobuf import empty_pb2
 
-from agent_client import validate
+from agent_client import portforward, validate
 from agent_client.errors import (
     AgentAlreadyExists,
+    AgentBadResponse,
     AgentError,
     AgentFailedPrecondition,
     AgentInternal,
@@ -40,6 +42,7 @@ from agent_client.errors import (
     AgentUnimplemented,
 )
 from agent_client.protocol import (
+    PORT_FORWARD_CHUNK,
     AgentVersion,
     ArpNeighbor,
     ContainerStats,
@@ -50,6 +53,7 @@ from agent_client.protocol import (
     MemoryStats,
     OnlineResources,
     PidsStats,
+    PortForwardStream,
     Route,
     Storage,
 )
@@ -214,6 +218,78 @@ class _Stream(Generic[T]):
             self._done = True
             self._call.cancel()
             self._agent._long_lived.give_back()
+
+
+class _PortForward:
+    """One live PortForward call (`GrpcAgent.port_forward`): frames in through `Requests`, out by
+    `next(call)` in a long-lived worker thread, every guest frame checked by `GuestFrames`."""
+
+    def __init__(self, agent: GrpcAgent, call: Any, requests: portforward.Requests) -> None:
+        self._agent = agent
+        self._call = call
+        self._requests = requests
+        self._frames = portforward.GuestFrames()
+        self._ended = False
+        token = trio.lowlevel.current_trio_token()
+        # a sender waiting for credits would wait forever once grpc stops taking frames
+        call.add_done_callback(lambda _call: _soon(token, self._on_end))
+
+    def _on_end(self) -> None:
+        self._ended = True
+        self._requests.wake()
+
+    def _end_error(self) -> AgentError:
+        code, details = self._call.code(), self._call.details()
+        if code == grpc.StatusCode.OK:
+            return AgentBadResponse("port-forward: the guest ended the call before the host's eof")
+        return error_from_status("PortForward", code, details)
+
+    async def _next(self) -> bytes | None:
+        """The next guest frame's data (b"" for connected/eof), None once the call ended well."""
+        msg = await self._agent._wait("PortForward", self._call, lambda: next(self._call, _EOF),
+                                      self._agent._long_lived_threads)
+        if msg is _EOF:
+            return None
+        return self._frames.check(port=msg.port, family=msg.family, data=msg.data, connected=msg.connected,
+                                  eof=msg.eof)
+
+    async def connected(self) -> None:
+        if await self._next() is None:
+            raise AgentBadResponse("port-forward: the guest ended the call without connecting")
+
+    async def send(self, data: bytes) -> None:
+        if len(data) > PORT_FORWARD_CHUNK:
+            raise ValueError(f"port-forward frame of {len(data)} bytes")
+        if not self._ended:
+            await self._requests.put(pb.PortForwardFrame(data=data))
+        if self._ended:
+            raise self._end_error()
+
+    async def send_eof(self) -> None:
+        self._requests.close()
+
+    async def finish(self) -> None:
+        """After both half-closes: wait until the guest ends the call, i.e. it wrote everything we
+        sent (cancelling at once could drop the last frames). Raises AgentError."""
+        if self._frames.eof and self._requests.closed:
+            if await self._next() is not None:  # any frame after the guest's eof raised already
+                raise AgentBadResponse("port-forward: guest frame after its eof")
+
+    async def receive(self) -> bytes:
+        while not self._frames.eof:
+            data = await self._next()
+            if data is None:  # no eof frame, yet a clean end: the guest broke the protocol
+                raise AgentBadResponse("port-forward: the guest ended the call without its eof")
+            if data:
+                return data
+        return b""
+
+
+def _soon(token: trio.lowlevel.TrioToken, fn: Callable[[], None]) -> None:
+    try:
+        token.run_sync_soon(fn)
+    except trio.RunFinishedError:
+        pass
 
 
 class _ThreadLimiter:
@@ -574,6 +650,33 @@ class GrpcAgent:
     async def list_routes(self) -> list[Route]:
         r = await self._unary("ListRoutes", empty_pb2.Empty(), self._deadlines.control)
         return [_route_from_pb(x) for x in r.routes]
+
+    # --- port forwarding ---
+
+    @asynccontextmanager
+    async def port_forward(self, port: int, family: int = 4) -> AsyncIterator[PortForwardStream]:
+        if self._closed:
+            raise AgentUnavailable("agent client closed", method="PortForward")
+        self._long_lived.take("PortForward")  # a live connection holds a guest thread, like a stream
+        try:
+            requests = portforward.Requests(pb.PortForwardFrame(port=port, family=family))
+            call = self._stub.PortForward(requests)
+            self._calls.add(call)
+            try:
+                stream = _PortForward(self, call, requests)
+                with trio.move_on_after(self._deadlines.control) as scope:
+                    await stream.connected()
+                if scope.cancelled_caught:
+                    raise AgentTimeout(f"port {port}: no answer from the guest", method="PortForward")
+                yield stream
+                with trio.move_on_after(self._deadlines.control):
+                    await stream.finish()
+            finally:
+                requests.close()  # frees grpc's sending thread, whatever happened
+                call.cancel()
+                self._calls.discard(call)
+        finally:
+            self._long_lived.give_back()
 
     # --- events and health ---
 

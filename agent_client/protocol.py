@@ -8,6 +8,7 @@ implementations bound every call by a deadline except the ones documented as blo
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -125,6 +126,29 @@ class ArpNeighbor:
     family: int = 4
 
 
+class PortForwardStream(Protocol):
+    """One TCP connection to the pod's loopback in the guest (see `Agent.port_forward`).
+
+    One task may send while another receives; neither method may be called by two tasks at once.
+    """
+
+    async def send(self, data: bytes) -> None:
+        """Send at most PORT_FORWARD_CHUNK bytes; waits while the guest is behind (a few frames in
+        flight at most)."""
+        ...
+
+    async def send_eof(self) -> None:
+        """Half-close: the guest connection's write side is shut down. Idempotent."""
+        ...
+
+    async def receive(self) -> bytes:
+        """The next bytes from the guest connection; b"" once it half-closed (and after)."""
+        ...
+
+
+PORT_FORWARD_CHUNK = 64 << 10  # bytes per frame, both ways; a bigger frame from the guest is refused
+
+
 @runtime_checkable
 class Agent(Protocol):
     """Host side of the agent protocol, async under trio.
@@ -239,6 +263,17 @@ class Agent(Protocol):
     async def list_interfaces(self) -> list[Interface]: ...
 
     async def list_routes(self) -> list[Route]: ...
+
+    # --- port forwarding ---
+    def port_forward(self, port: int, family: int = 4) -> AbstractAsyncContextManager[PortForwardStream]:
+        """Connect to ``port`` on the guest's loopback (family 4: 127.0.0.1, then ::1, as containerd
+        dials "localhost"; 6: ::1) for the life of the context. Entering raises
+        AgentFailedPrecondition when nothing listens there, AgentTimeout when the guest does not
+        answer within the control deadline, AgentUnavailable when too many calls are live; the
+        stream's methods raise AgentError when the connection breaks. Leaving after both half-closes
+        waits (up to the control deadline) until the guest has written everything it was sent;
+        leaving otherwise (or on an error) closes the connection at once."""
+        ...
 
     # --- events and health ---
     def oom_events(self) -> AsyncIterator[str]:

@@ -409,6 +409,20 @@ class OOMEvent(_message.Message):
     container_id: str
     def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
+class PortForwardFrame(_message.Message):
+    __slots__ = ("port", "family", "data", "connected", "eof")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    family: int
+    data: bytes
+    connected: bool
+    eof: bool
+    def __init__(self, port: _Optional[int] = ..., family: _Optional[int] = ..., data: _Optional[bytes] = ..., connected: _Optional[bool] = ..., eof: _Optional[bool] = ...) -> None: ...
+
 class CheckRequest(_message.Message):
     __slots__ = ("service",)
     SERVICE_FIELD_NUMBER: _ClassVar[int]

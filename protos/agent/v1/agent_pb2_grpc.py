@@ -175,6 +175,11 @@ class AgentStub:
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=protos_dot_agent_dot_v1_dot_agent__pb2.OOMEvent.FromString,
                 _registered_method=True)
+        self.PortForward = channel.stream_stream(
+                '/kata_py.agent.v1.Agent/PortForward',
+                request_serializer=protos_dot_agent_dot_v1_dot_agent__pb2.PortForwardFrame.SerializeToString,
+                response_deserializer=protos_dot_agent_dot_v1_dot_agent__pb2.PortForwardFrame.FromString,
+                _registered_method=True)
         self.Check = channel.unary_unary(
                 '/kata_py.agent.v1.Agent/Check',
                 request_serializer=protos_dot_agent_dot_v1_dot_agent__pb2.CheckRequest.SerializeToString,
@@ -370,6 +375,18 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PortForward(self, request_iterator, context):
+        """--- port forwarding (CRI PortForward) ---
+        One call per forwarded TCP connection. The host's first frame names the port (and the family the
+        client used); the guest connects to it on its loopback and answers connected=true (or ends the
+        call with FAILED_PRECONDITION when nothing listens). Then each side sends data frames (at most
+        64 KiB); the host half-closes by ending its request stream, the guest by a frame with eof=true.
+        The call ends once both directions are done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Check(self, request, context):
         """--- health ---
         """
@@ -525,6 +542,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetOOMEvents,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=protos_dot_agent_dot_v1_dot_agent__pb2.OOMEvent.SerializeToString,
+            ),
+            'PortForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=protos_dot_agent_dot_v1_dot_agent__pb2.PortForwardFrame.FromString,
+                    response_serializer=protos_dot_agent_dot_v1_dot_agent__pb2.PortForwardFrame.SerializeToString,
             ),
             'Check': grpc.unary_unary_rpc_method_handler(
                     servicer.Check,
@@ -1293,6 +1315,33 @@ class Agent:
             '/kata_py.agent.v1.Agent/GetOOMEvents',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             protos_dot_agent_dot_v1_dot_agent__pb2.OOMEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kata_py.agent.v1.Agent/PortForward',
+            protos_dot_agent_dot_v1_dot_agent__pb2.PortForwardFrame.SerializeToString,
+            protos_dot_agent_dot_v1_dot_agent__pb2.PortForwardFrame.FromString,
             options,
             channel_credentials,
             insecure,
