@@ -48,7 +48,7 @@ from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
 from vmm.vsock import guest_cid, read_token, start_with_free_cid
 
-from . import mounts, oci, volumes
+from . import mounts, oci, portforward, volumes
 from .annotations import GuestAssets, apply_annotations
 from .config import Config
 from .errors import (
@@ -174,6 +174,7 @@ class VmSandbox:
         self._follow_scope = trio.CancelScope()
         self._follow_done = trio.Event()
         self._follow_done.set()  # nothing to wait for until a follower starts
+        self._port_forward: portforward.Running | None = None  # CRI PortForward into the guest
         self._poststop: tuple[list[Hook], str, dict[str, str]] = ([], "", {})
         self.boot = ""  # how the VM came up: pool | template | cold (set by start)
         # a template to build once this sandbox runs (there was none), and that build's lifetime
@@ -272,6 +273,9 @@ class VmSandbox:
         self._stopped = True
         self._reconciler_scope.cancel()
         await self._stop_following_network()
+        if self._port_forward is not None:  # its rules come out of the netns before the agent goes
+            await self._port_forward.stop()
+            self._port_forward = None
         if self._agent is not None:
             agent, self._agent = self._agent, None
             await agent.aclose()
@@ -342,6 +346,8 @@ class VmSandbox:
             await self._run_hooks(sandbox_spec, bundle, ("createRuntime", "prestart"), "created")
             await self._setup_network(sandbox_spec, timer)
             await self._follow_network()
+            if self._network is not None:
+                self._port_forward = await portforward.start(self._network.netns, self._agent, self._nursery)
             await self._start_reconciler()
             await self._setup_host_cgroups(sandbox_spec)
         except (VmmError, AgentError, ShimError, OSError) as exc:

@@ -99,6 +99,11 @@ class RuntimeServiceStub:
                 request_serializer=protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.ExecSyncRequest.SerializeToString,
                 response_deserializer=protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.ExecSyncResponse.FromString,
                 _registered_method=True)
+        self.PortForward = channel.unary_unary(
+                '/runtime.v1.RuntimeService/PortForward',
+                request_serializer=protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.SerializeToString,
+                response_deserializer=protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -182,6 +187,12 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PortForward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +260,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ExecSync,
                     request_deserializer=protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.ExecSyncRequest.FromString,
                     response_serializer=protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.ExecSyncResponse.SerializeToString,
+            ),
+            'PortForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.FromString,
+                    response_serializer=protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,6 +618,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/ExecSync',
             protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.ExecSyncRequest.SerializeToString,
             protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.ExecSyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/PortForward',
+            protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.SerializeToString,
+            protos_dot_k8s_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
