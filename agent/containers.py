@@ -1,6 +1,7 @@
 """Containers in the guest: bundles, lifecycle state machine and processes, over an OciRuntime."""
 
 import enum
+import itertools
 import json
 import logging
 import os
@@ -70,6 +71,15 @@ class Containers:
         self._cgroup_root = cgroup_root
         self._lock = threading.Lock()  # guards _containers (membership only; objects have own state)
         self._containers: dict[str, Container] = {}
+        self._consoles = itertools.count()
+
+    def _console_socket(self) -> str:
+        """A fresh path for the runtime's --console-socket. Not under the bundle: CRI's container and
+        exec ids are 64 characters each, and `<root>/containers/<cid>/exec-<eid>.sock` would pass
+        AF_UNIX's 107 bytes (critest's tty exec failed with 'AF_UNIX path too long')."""
+        directory = os.path.join(self.root, "consoles")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.path.join(directory, f"{next(self._consoles)}.sock")
 
     def get(self, container_id: str) -> Container:
         """Raises NotFound if no such container."""
@@ -126,7 +136,7 @@ class Containers:
             since = self._reaper.mark()
             t0 = time.monotonic()
             pty = self.runtime.create(container_id, bundle, pid_file, stdio.runtime_stdio(),
-                                      os.path.join(bundle, "console.sock") if terminal else None)
+                                      self._console_socket() if terminal else None)
             log.debug("timing runtime=%s create=%s took=%.3f", self.runtime.name, container_id,
                       time.monotonic() - t0)
             stdio.spawned(pty)
@@ -184,7 +194,7 @@ class Containers:
                 json.dump(proc_json, f)
             since = self._reaper.mark()
             pty = self.runtime.exec(container_id, base + ".json", base + ".pid", base + ".log",
-                                    stdio.runtime_stdio(), base + ".sock" if terminal else None)
+                                    stdio.runtime_stdio(), self._console_socket() if terminal else None)
             stdio.spawned(pty)
             p.follow(self._reaper, read_pid_file(base + ".pid"), since)
         except BaseException:
