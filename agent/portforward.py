@@ -12,15 +12,12 @@ the channel died) the server's termination callback shuts the socket down, which
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from agent.errors import AgentError, FailedPrecondition, InvalidArgument
-
-log = logging.getLogger("agent")
 
 CHUNK = 64 << 10  # bytes per data frame, both ways (the host refuses bigger frames)
 MAX_CONNECTIONS = 64  # above the host's own cap: a host bug, not a pod, should meet this

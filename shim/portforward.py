@@ -34,7 +34,6 @@ import shutil
 import socket
 import struct
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -194,12 +193,10 @@ def _reset(sock: trio.socket.SocketType) -> None:
 class PortForward:
     """The sandbox's port forwarding into `netns`, over `agent`. `run` is the whole life."""
 
-    def __init__(self, netns: str, agent: Agent, *, max_connections: int = MAX_CONNECTIONS,
-                 in_netns: Callable[[str, Callable[[], object]], object] = run_in_netns) -> None:
+    def __init__(self, netns: str, agent: Agent, *, max_connections: int = MAX_CONNECTIONS) -> None:
         self.netns = netns
         self._agent = agent
         self._slots = max_connections
-        self._in_netns = in_netns
         self.live = 0  # connections being forwarded now
         self.ports: dict[int, int] = {}  # family -> listener port, while running
 
@@ -207,8 +204,7 @@ class PortForward:
         """Set up (raises PortForwardUnavailable before started()), then serve until cancelled;
         always removes the rules and closes every socket."""
         # not abandoned on cancel: the thread always returns its listeners, so none can leak
-        listeners: list[Listener] = await trio.to_thread.run_sync(
-            self._in_netns, self.netns, open_listeners)  # type: ignore[arg-type]
+        listeners = await trio.to_thread.run_sync(run_in_netns, self.netns, open_listeners)
         socks = [trio.socket.from_stdlib_socket(x.sock) for x in listeners]
         try:
             self.ports = {x.family: x.port for x in listeners}
@@ -227,12 +223,12 @@ class PortForward:
 
     async def _remove(self, listeners: list[Listener]) -> None:
         try:
-            left = await trio.to_thread.run_sync(self._in_netns, self.netns, lambda: remove_rules(listeners))
+            left = await trio.to_thread.run_sync(run_in_netns, self.netns, lambda: remove_rules(listeners))
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # a netns already gone took the rules with it
                 log.warning("port-forward: netns %s: rules not removed: %s", self.netns, exc)
             return
-        for what in left:  # type: ignore[union-attr]
+        for what in left:
             log.warning("port-forward: netns %s: rule not removed: %s", self.netns, what)
 
     async def _accept(self, listener: trio.socket.SocketType, family: int, nursery: trio.Nursery) -> None:
