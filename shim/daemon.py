@@ -9,7 +9,6 @@ SIGTERM cancels the build).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -30,7 +29,6 @@ from .service import TASK_SERVICE, TaskService
 from .timing import log_shim_start
 
 log = logging.getLogger("kata-py")
-PR_SET_CHILD_SUBREAPER = 36
 # how long a shim outlives its last container to finish the template build it started
 TEMPLATE_BUILD_GRACE_S = 180.0
 
@@ -128,8 +126,10 @@ def run(args: ShimArgs, grouping: str) -> int:
     os.environ.pop("NOTIFY_SOCKET", None)
     bundle = os.getcwd()
     _open_log(bundle, args.debug)
-    # QEMU is our child; orphans of our children come back to us rather than to init
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # Not a child subreaper (unlike runc's shim, whose containers' processes are host processes):
+    # the workload lives in the guest, our children (QEMU, loggers, ip) are each reaped by whoever
+    # started them, and a grandchild orphaned by one of them (a logger's helper) goes to init,
+    # which reaps it; adopted here it would stay a zombie, as nothing waits for unknown children.
     listen_fd = os.environ.pop("KATA_PY_LISTEN_FD", None)
     try:
         trio.run(serve, args, grouping, int(listen_fd) if listen_fd else None)

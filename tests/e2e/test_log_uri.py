@@ -46,6 +46,27 @@ def test_binary_logger_gets_stdout_and_stderr_exactly(containerd: PrivateContain
     wait_for(lambda: not qemu_pids(containerd), timeout=30, what="QEMU gone")
 
 
+def test_a_loggers_orphans_are_not_left_as_zombies(containerd: PrivateContainerd, busybox: str, tmp_path: Path):
+    """The shim is no child subreaper: a grandchild a logger orphans goes to init, which reaps it
+    (adopted by the shim, which waits only for its own children, it would stay a zombie)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    logger = install_recorder(tmp_path / "logger")
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, "--log-uri", f"binary://{logger}?dir={logs}&orphan=1",
+                   busybox, "orphans", "sleep", "60")
+    try:
+        pid = wait_for(lambda: (logs / "orphan.pid").exists() and int((logs / "orphan.pid").read_text()),
+                       timeout=60, what="the orphan's pid")
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=15, what=f"orphan {pid} reaped")
+    finally:
+        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "orphans", check=False)
+        wait_for(lambda: containerd.ctr("tasks", "ls", check=False).stdout.count(b"orphans") == 0
+                 or b"STOPPED" in containerd.ctr("tasks", "ls", check=False).stdout, timeout=30, what="stopped")
+        containerd.ctr("tasks", "delete", "orphans", check=False)
+        containerd.ctr("containers", "delete", "orphans", check=False)
+    wait_for(lambda: not qemu_pids(containerd), timeout=30, what="QEMU gone")
+
+
 def test_file_log_uri_appends_both_streams(containerd: PrivateContainerd, busybox: str, tmp_path: Path):
     log = tmp_path / "new-dir" / "c.log"  # its directory is made
     result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, "--log-uri", f"file://{log}",

@@ -1,7 +1,8 @@
 """A binary:// logger for tests: what it was given (argv, environment as exec'd, open fds and where
 they point, its pid) goes to <dir>/info.json, fd 3 to <dir>/stdout, fd 4 to <dir>/stderr, and
 <dir>/done once both reached EOF. Arguments come from the URI's query: `dir=<path>` (required),
-`ready-byte=1` (write a byte to fd 5 before closing it, as binary-v2 wants)."""
+`ready-byte=1` (write a byte to fd 5 before closing it, as binary-v2 wants), `orphan=1` (leave a
+grandchild, orphaned at once, that exits a second later; its pid in <dir>/orphan.pid)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def copy(fd, name):
     with open(os.path.join(out, name), "wb") as f:
         while chunk := os.read(fd, 65536):
             f.write(chunk)
+if "orphan" in args:  # leave a grandchild that outlives its parent by a second, orphaned at once
+    if os.fork() == 0:
+        if os.fork() == 0:
+            with open(os.path.join(out, "orphan.pid"), "w") as f:
+                f.write(str(os.getpid()))
+            import time
+            time.sleep(1)
+        os._exit(0)
+    os.wait()
 threads = [threading.Thread(target=copy, args=(fd, name)) for fd, name in ((3, "stdout"), (4, "stderr"))]
 for t in threads:
     t.start()
