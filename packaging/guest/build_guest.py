@@ -61,6 +61,7 @@ def base_inputs() -> dict[str, object]:
         "kernel_package": kpkg.name,
         "kernel_version": kpkg.version,
         "modules": list(guest_kernel.MODULES),
+        "on_demand_modules": list(guest_kernel.ON_DEMAND_MODULES),
         "mirror": guest_rootfs.apt_mirror(),
         "suite": guest_rootfs.SUITE,
         "include": list(guest_rootfs.INCLUDE),
@@ -98,12 +99,14 @@ def ensure_base(out_root: Path, inputs: dict[str, object], force: bool) -> Path:
         kpkg = guest_kernel.KernelPackage(str(inputs["kernel_package"]), str(inputs["kernel_version"]))
         modules = guest_kernel.build(kpkg, tmp)
         versions = guest_rootfs.build(tmp / "rootfs", str(inputs["mirror"]), guest_rootfs.pip_versions())
+        guest_kernel.install_modules(tmp, tmp / "rootfs", kpkg.kver)
         versions[kpkg.name] = kpkg.version
         info = {
             "hash": bdir.name.removeprefix("base-"),
             "inputs": inputs,
             "kernel": {"package": kpkg.name, "version": kpkg.version, "release": kpkg.kver},
-            "modules": modules,
+            "modules": modules.initrd,
+            "rootfs_modules": len(modules.rootfs),
             "packages": versions,
             "build_seconds": round(time.monotonic() - t0, 1),
         }
@@ -138,6 +141,7 @@ def ensure_final(out_root: Path, bdir: Path, repo: Path, force: bool) -> Path:
             "kernel_version": base["kernel"]["release"],
             "cmdline": guest_image.KERNEL_CMDLINE,
             "modules": base["modules"],
+            "rootfs_modules": base.get("rootfs_modules", 0),
             "files": {name: (tmp / name).stat().st_size for name in ARTEFACTS},
             "packages": base["packages"],
             "build_seconds": {"base": base["build_seconds"], "final": round(time.monotonic() - t0, 1)},

@@ -14,7 +14,8 @@ from guest_common import log, run
 SUITE = "bookworm"
 # Debian's python3-grpcio/python3-protobuf are too old for protos/ (needs grpcio>=1.85.1,
 # protobuf>=7.35): those come from PyPI below. libpython3.11-stdlib: python3-minimal lacks asyncio etc.
-INCLUDE = ("python3-minimal", "libpython3.11-stdlib", "runc", "crun", "iproute2")
+# kmod: /sbin/modprobe, which the kernel runs to load a module on demand (guest_kernel.ON_DEMAND_MODULES).
+INCLUDE = ("python3-minimal", "libpython3.11-stdlib", "runc", "crun", "iproute2", "kmod")
 # typing_extensions: grpcio's one runtime dependency (pip runs with --no-deps to pin all three).
 PIP_PACKAGES = ("grpcio", "protobuf", "typing_extensions")
 SITE_DIR = "usr/lib/python3/dist-packages"
