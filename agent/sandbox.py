@@ -1,14 +1,32 @@
 """The sandbox: guest identity, sandbox-wide storages and the container set, created and destroyed
 as a whole."""
 
+import logging
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.containers import Containers
 from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
 from agent.reaper import Reaper
 from agent.storage import Mounted, StorageSpec, mount_storage, unmount_storage
+
+# Legacy xtables: unlike nf_tables the kernel never asks for these itself ("Table does not exist (do
+# you need to insmod?)"), so iptables-legacy (istio-init, older CNI plugins, kube-proxy images) would
+# fail where the host's kernel has them loaded. Loaded once per VM, for the first container that may
+# use them (CAP_NET_ADMIN): a pod without one never pays the modprobe.
+LEGACY_NETFILTER_MODULES = (
+    "iptable_filter", "iptable_nat", "iptable_mangle", "iptable_raw",
+    "ip6table_filter", "ip6table_nat", "ip6table_mangle", "ip6table_raw", "ebtable_filter", "ebtable_nat",
+)
+
+
+def may_use_netfilter(spec: dict[str, Any]) -> bool:
+    """Whether the container's process holds CAP_NET_ADMIN (privileged containers do)."""
+    caps = ((spec.get("process") or {}).get("capabilities") or {})
+    return isinstance(caps, dict) and any(
+        isinstance(caps.get(kind), list) and "CAP_NET_ADMIN" in caps[kind] for kind in ("effective", "bounding"))
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,26 @@ class Sandbox:
         self._lock = threading.Lock()  # guards _created and _storages
         self._created = False
         self._storages: list[Mounted] = []
+        self._netfilter_loaded = False  # guarded by _lock
+
+    def prepare_for(self, spec: dict[str, Any]) -> None:
+        """What the VM's kernel needs before this container runs: the legacy netfilter tables for a
+        container with CAP_NET_ADMIN (once). A module that will not load is logged, never fatal: the
+        container may never use it."""
+        if not self._guest or not may_use_netfilter(spec):
+            return
+        with self._lock:
+            if self._netfilter_loaded:
+                return
+            self._netfilter_loaded = True
+        try:
+            done = self._reaper.run(["modprobe", "-a", "-q", *LEGACY_NETFILTER_MODULES])
+        except (OSError, TimeoutError) as e:
+            logging.getLogger("agent").warning("modprobe legacy netfilter tables: %s", e)
+            return
+        if done.code != 0:
+            logging.getLogger("agent").warning(
+                "modprobe legacy netfilter tables: %s", done.stderr.decode(errors="replace").strip())
 
     def create(self, spec: SandboxSpec) -> None:
         """Raises AlreadyExists (twice), InvalidArgument (bad storage) or Internal (mount/module).

@@ -213,6 +213,7 @@ class AgentServicer(pb_grpc.AgentServicer):
                         volumes.append(path)
                 else:
                     mounted.append(mount_storage(_storage(s), self.root, f"storages[{i}]"))
+            self.sandbox.prepare_for(spec)
             c = self.containers.create(cid, spec, rootfs_path, request.terminal, request.stdin, mounted)
         except BaseException:
             for m in reversed(mounted):

@@ -39,6 +39,7 @@ ip() { $L /h/usr/bin/ip "$@"; }
 tc() { $L /h/usr/sbin/tc "$@"; }
 ipt() { $L /h/usr/sbin/xtables-nft-multi iptables "$@"; }
 ip6t() { $L /h/usr/sbin/xtables-nft-multi ip6tables "$@"; }
+iptl() { $L /h/usr/sbin/xtables-legacy-multi iptables "$@"; }
 for a in mknod mount umount touch brctl losetup mke2fs; do eval "$a() { busybox $a \"\$@\"; }"; done
 node() { [ -e "$1" ] || { mkdir -p "${1%/*}" && mknod "$1" "$2" "$3" "$4"; }; }
 try() { if out=$(eval "$2" 2>&1); then echo "OK $1"; else echo "FAIL $1: $out" | tr '\n' ' '; echo; fi; }
@@ -150,6 +151,7 @@ try dummy 'ip link add kpd0 type dummy'
 try vxlan 'ip link add vx0 type vxlan id 42 dstport 4789 dev lo'
 try nat 'ipt -t nat -A POSTROUTING -j MASQUERADE'
 try brctl 'brctl addbr foobar'
+try legacy 'iptl -t nat -A POSTROUTING -j MASQUERADE'
 echo MODULES; cat /proc/modules
 """
 
@@ -157,12 +159,14 @@ echo MODULES; cat /proc/modules
 def test_added_capability_is_enough_and_none_loads_nothing(containerd: PrivateContainerd, busybox: str) -> None:
     out = _run(containerd, busybox, "mods-netadmin", NET_ADMIN, "--cap-add", "CAP_NET_ADMIN")
     steps, loaded = parse(out)
-    assert not any(steps.values()) and len(steps) == 4, out
-    assert {"dummy", "vxlan", "nf_tables", "nft_chain_nat", "bridge"} <= loaded, sorted(loaded)
+    assert not any(steps.values()) and len(steps) == 5, out
+    # legacy xtables: the kernel never asks for its tables; the agent loaded them for CAP_NET_ADMIN
+    assert {"dummy", "vxlan", "nf_tables", "nft_chain_nat", "bridge", "iptable_nat", "ip_tables"} <= loaded, sorted(loaded)
 
     out = _run(containerd, busybox, "mods-plain", NET_ADMIN)
     steps, loaded = parse(out)
-    assert len(steps) == 4 and all(steps.values()), out  # every step refused
+    assert len(steps) == 5 and all(steps.values()), out  # every step refused
+    assert "iptable_nat" not in loaded, sorted(loaded)  # no CAP_NET_ADMIN: the agent loaded nothing
     assert "not permitted" in steps["dummy"] and "not permitted" in steps["brctl"], steps
     assert not {"dummy", "vxlan", "nf_tables", "nft_chain_nat", "nft_compat"} & loaded, sorted(loaded)
     assert "bridge" in loaded  # the ioctl's request comes first (see NET_ADMIN)
