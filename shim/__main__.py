@@ -1,39 +1,32 @@
-"""containerd-shim-kata-py-v2: the binary containerd runs (flags as Go's flag package parses them)."""
+"""containerd-shim-kata-py-v2: the binary containerd runs (flags as Go's flag package parses them).
+
+`start` and `delete` (shim/manager.py) import no trio, grpc or protobuf; the daemon (shim/daemon.py)
+is imported only when this process is to be one. A spare (shim/spare.py) waits for a pod, then is
+given the daemon's arguments and runs on from here as a daemon `start` spawned would.
+"""
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-from .manager import SOCKET_DIR, ShimArgs
+from .args import parse_args, spare_socket
 
 VERSION = "0.1.0"
 
 
-def parse_args(argv: list[str]) -> tuple[ShimArgs, str, str, bool]:
-    p = argparse.ArgumentParser(prog="containerd-shim-kata-py-v2", allow_abbrev=False)
-    for flag in ("-namespace", "-id", "-address", "-publish-binary", "-bundle", "-socket", "-config",
-                 "-grouping"):
-        p.add_argument(flag, f"-{flag}", default="")
-    p.add_argument("-socket-dir", "--socket-dir", default=os.environ.get("KATA_PY_SOCKET_DIR", SOCKET_DIR))
-    p.add_argument("-debug", "--debug", action="store_true")
-    p.add_argument("-v", "--version", action="store_true")
-    p.add_argument("action", nargs="?", default="", choices=["", "start", "delete"])
-    ns = p.parse_args(argv)
-    args = ShimArgs(namespace=ns.namespace, id=ns.id, address=ns.address, publish_binary=ns.publish_binary,
-                    bundle=ns.bundle, debug=ns.debug, socket_dir=ns.socket_dir, config_path=ns.config)
-    return args, ns.action, ns.grouping or ns.id, ns.version
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["-spare"] and len(argv) >= 2:  # `kata-py pool` starts spares: shim/spare.py
+    spare = spare_socket(argv)
+    if spare is not None:  # `kata-py pool` starts spares: shim/spare.py
         from .spare import run_spare
 
-        return run_spare(argv[1])
-    args, action, grouping, version = parse_args(argv)
-    if version:
+        assigned = run_spare(spare)
+        if assigned is None:  # the pool is gone, or the hand-off failed: nothing to serve
+            return 0
+        argv = assigned
+    invocation = parse_args(argv)
+    args, action = invocation.args, invocation.action
+    if invocation.version:
         print(f"containerd-shim-kata-py-v2 version {VERSION}")
         return 0
     if action == "start":  # containerd 2.3 may name the namespace and id on stdin only
@@ -60,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import daemon
 
-    return daemon.run(args, grouping)
+    return daemon.run(args, invocation.grouping)
 
 
 if __name__ == "__main__":

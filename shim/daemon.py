@@ -21,9 +21,10 @@ import trio
 
 import ttrpc
 
+from .args import LISTEN_FD_ENV, ShimArgs
 from .config import load_config
 from .events import Publisher
-from .manager import ShimArgs, socket_address, socket_path
+from .layout import LOG_FIFO, socket_address, socket_path
 from .sandbox import VmSandbox
 from .service import TASK_SERVICE, TaskService
 from .timing import log_shim_start
@@ -36,7 +37,7 @@ TEMPLATE_BUILD_GRACE_S = 180.0
 def _open_log(bundle: str, debug: bool) -> None:
     """Send logging to containerd through the bundle's `log` fifo (stderr stays /dev/null otherwise)."""
     try:
-        fd = os.open(Path(bundle) / "log", os.O_WRONLY | os.O_NONBLOCK)
+        fd = os.open(Path(bundle) / LOG_FIFO, os.O_WRONLY | os.O_NONBLOCK)
         os.set_blocking(fd, True)
         os.dup2(fd, 2)
         os.close(fd)
@@ -130,7 +131,7 @@ def run(args: ShimArgs, grouping: str) -> int:
     # the workload lives in the guest, our children (QEMU, loggers, ip) are each reaped by whoever
     # started them, and a grandchild orphaned by one of them (a logger's helper) goes to init,
     # which reaps it; adopted here it would stay a zombie, as nothing waits for unknown children.
-    listen_fd = os.environ.pop("KATA_PY_LISTEN_FD", None)
+    listen_fd = os.environ.pop(LISTEN_FD_ENV, None)
     try:
         trio.run(serve, args, grouping, int(listen_fd) if listen_fd else None)
     except Exception:

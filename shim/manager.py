@@ -10,45 +10,30 @@ and print a DeleteResponse.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from vmm import procrecord
 
-from . import mounts, oci, share, wire
+from . import mounts, oci, share, spare, wire
+from .args import LISTEN_FD_ENV, ShimArgs, daemon_argv
 from .config import load_config
 from .factory.builds import reap_orphan_builds
-
-SOCKET_DIR = "/run/containerd/s"
-
-
-@dataclass(frozen=True)
-class ShimArgs:
-    namespace: str
-    id: str
-    address: str  # containerd's gRPC socket
-    publish_binary: str = ""
-    bundle: str = ""
-    debug: bool = False
-    socket_dir: str = SOCKET_DIR
-    config_path: str = ""
-
-
-def socket_address(containerd_address: str, namespace: str, grouping: str, socket_dir: str = SOCKET_DIR) -> str:
-    """unix:// path the way containerd's shims derive it: sha256 of <address>/<ns>/<id>."""
-    joined = os.path.normpath(os.path.join(containerd_address, namespace, grouping))
-    return f"unix://{socket_dir}/{hashlib.sha256(joined.encode()).hexdigest()}"
-
-
-def socket_path(address: str) -> str:
-    return address.removeprefix("unix://")
+from .layout import (
+    ADDRESS_FILE,
+    ADDRESS_TMP_FILE,
+    SOCKET_DIR_FILE,
+    sandbox_state_dir,
+    socket_address,
+    socket_path,
+)
+from .timing import START_CMD_ENV, process_age_s
 
 
 def _answers(path: str, timeout: float = 0.1) -> bool:
@@ -62,9 +47,9 @@ def _answers(path: str, timeout: float = 0.1) -> bool:
 
 
 def write_address(bundle: str, address: str) -> None:
-    tmp = Path(bundle) / ".address"
+    tmp = Path(bundle) / ADDRESS_TMP_FILE
     tmp.write_text(address)
-    tmp.rename(Path(bundle) / "address")
+    tmp.rename(Path(bundle) / ADDRESS_FILE)
 
 
 def config_path_from_options(raw: bytes) -> str:
@@ -76,7 +61,6 @@ def config_path_from_options(raw: bytes) -> str:
 # the Task API we announce to a containerd that reads a bootstrap answer (2.3+): the daemon serves
 # containerd.task.v2.Task, which containerd 2.x still speaks (its task v2 bridge); v3 is not served yet
 TASK_API_VERSION = 2
-SOCKET_DIR_FILE = "kata-py.socket-dir"  # in the bundle: where `start` put the socket, for `delete`
 
 
 def with_bootstrap(args: ShimArgs, given: wire.StartInput) -> ShimArgs:
@@ -134,9 +118,6 @@ def _start(args: ShimArgs, given: wire.StartInput) -> str:
     # start-only imports: `delete` (containerd waits for it after every shim exit) stays lean
     from ttrpc.sockets import bind_unix_socket
 
-    from . import spare
-    from .timing import START_CMD_ENV, process_age_s
-
     bundle = os.getcwd()
     if given.socket_dir:
         (Path(bundle) / SOCKET_DIR_FILE).write_text(args.socket_dir)
@@ -160,18 +141,13 @@ def _start(args: ShimArgs, given: wire.StartInput) -> str:
         os.unlink(path)  # stale socket of a dead shim
         listener = bind_unix_socket(path)
     try:
-        argv = ["-namespace", args.namespace, "-id", args.id, "-address", args.address,
-                "-publish-binary", args.publish_binary, "-socket-dir", args.socket_dir, "-grouping", grouping]
-        if config_path:
-            argv += ["-config", config_path]
-        if args.debug:
-            argv.append("-debug")
+        argv = daemon_argv(args, grouping, config_path)
         if not _hand_to_spare(argv, bundle, listener.fileno(), config_path, environ):
             with open(os.devnull, "r+b") as devnull:
                 subprocess.Popen([sys.executable, "-m", "shim", *argv], cwd=bundle, stdin=devnull,
                                  stdout=devnull, stderr=devnull, pass_fds=(listener.fileno(),),
                                  start_new_session=True,
-                                 env={**environ, spare.LISTEN_FD_ENV: str(listener.fileno()),
+                                 env={**environ, LISTEN_FD_ENV: str(listener.fileno()),
                                       START_CMD_ENV: f"{process_age_s():.3f}"})
         write_address(bundle, address)
     except BaseException:
@@ -193,9 +169,6 @@ def _hand_to_spare(argv: list[str], bundle: str, listen_fd: int, config_path: st
         return False
     if not pool_socket:
         return False
-    from . import spare
-    from .timing import START_CMD_ENV, process_age_s
-
     try:
         spare_socket = spare.take_spare(pool_socket)
         spare.hand_off(spare_socket, argv, bundle, {**environ, START_CMD_ENV: f"{process_age_s():.3f}"},
@@ -204,18 +177,6 @@ def _hand_to_spare(argv: list[str], bundle: str, listen_fd: int, config_path: st
     except (OSError, spare.HandOffError):
         # not a word on stdout/stderr: containerd takes start's whole output for the address
         return False
-
-
-def sandbox_state_dir(state_root: str, sandbox_id: str) -> Path:
-    """Where a sandbox keeps its sockets and shared dir.
-
-    CRI ids are 64 hex digits: naming the directory after the whole id would push
-    <dir>/agent.sock past the 107-byte unix socket limit, so long ids are shortened (by hash, so
-    the shim and `delete` agree without sharing state).
-    """
-    oci.validate_id(sandbox_id, "sandbox id")  # never a path of its own: `..`, `/`, newlines
-    name = sandbox_id if len(sandbox_id) <= 24 else hashlib.sha256(sandbox_id.encode()).hexdigest()[:24]
-    return Path(state_root) / "sandboxes" / name
 
 
 def delete(args: ShimArgs) -> bytes:

@@ -14,7 +14,8 @@ Hand-off on the spare's own socket (0600, in the pool's 0700 directory), one con
                   exits: a listening socket is never served by two daemons.
 The spare then moves itself into the cgroups of the `start` process (where a daemon spawned by
 `start` would be: containerd's), drops the pool's stdio, and takes the daemon's command line, so
-that it looks and is accounted exactly like a daemon `start` spawned.
+that it looks and is accounted exactly like a daemon `start` spawned. `run_spare` returns the
+daemon's arguments: `__main__` runs the daemon with them, as it would have for a spawned one.
 
 This module is imported by `start` (the client side): stdlib only at the top.
 """
@@ -30,11 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from .args import LISTEN_FD_ENV
 from .timing import ASSIGNED_ENV
 
-LISTEN_FD_ENV = "KATA_PY_LISTEN_FD"
 MAX_MESSAGE = 256 * 1024  # argv + environment; containerd's are a few KiB
-CMDLINE_ROOM = 4096  # bytes of command line a spare reserves for the daemon's (set_cmdline)
 PARENT_CHECK_S = 1.0
 
 
@@ -102,17 +102,18 @@ def preload() -> None:
     from .network import follow, netns, pod  # noqa: F401
 
 
-def run_spare(socket_path: str) -> int:
-    """Wait for one pod and serve it (returns the daemon's exit status). Exits (0) when the pool that
-    started us is gone, or after a hand-off that failed: the pool gave us away already, and a spare
-    only ever takes one connection."""
+def run_spare(socket_path: str) -> list[str] | None:
+    """Wait for one pod and become its daemon: returns the daemon's arguments (this process now has
+    its environment, cgroups, stdio and command line). None when the pool that started us is gone,
+    or after a hand-off that failed (the spare then exits 0): the pool gave us away already, and a
+    spare only ever takes one connection."""
     preload()
     parent = os.getppid()
     listener = _listen(socket_path)
     try:
         while True:
             if os.getppid() != parent:  # the pool died: nobody can hand us a pod any more
-                return 0
+                return None
             try:
                 conn, _ = listener.accept()
                 break
@@ -122,12 +123,7 @@ def run_spare(socket_path: str) -> int:
         listener.close()
         _unlink(socket_path)
     with conn:
-        assignment = _receive_assignment(conn)
-    if assignment is None:
-        return 0
-    from .__main__ import main
-
-    return main(assignment)
+        return _receive_assignment(conn)
 
 
 def _listen(path: str) -> socket.socket:
@@ -257,7 +253,7 @@ def _cgroup_mounts() -> dict[str, str]:
 
 def set_cmdline(args: list[str]) -> None:
     """Rewrite /proc/self/cmdline in place (the argv area the kernel shows; CPython copied its argv
-    long ago). The spare was started with CMDLINE_ROOM bytes of padding so that the daemon's
+    long ago). The spare was started with args.CMDLINE_ROOM bytes of padding so that the daemon's
     arguments fit; longer ones are cut. Best effort."""
     try:
         stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
@@ -271,11 +267,6 @@ def set_cmdline(args: list[str]) -> None:
 
     new = b"\0".join(os.fsencode(a) for a in args)[: size - 1]
     ctypes.memmove(start, new.ljust(size, b"\0"), size)
-
-
-def spare_argv(socket_path: str) -> list[str]:
-    """The command line a pool starts a spare with (padded: see set_cmdline)."""
-    return [sys.executable, "-m", "shim", "-spare", socket_path, "-room", "x" * CMDLINE_ROOM]
 
 
 def _unlink(path: str) -> None:

@@ -10,13 +10,13 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-BUILDS_DIR = "tb"  # under the runtime's state dir: tb/<pid of the builder>/<key prefix> (short: socket paths)
+from ..layout import builds_dir
 
 
 def build_work_dir(state_root: str | Path, key: str) -> Path:
     """Where this process boots the template VM for `key` (sockets, console): named by our pid, so
     that reap_orphan_builds can tell a live builder's VM from one a killed shim left behind."""
-    return Path(state_root) / BUILDS_DIR / str(os.getpid()) / key[:8]
+    return builds_dir(state_root) / str(os.getpid()) / key[:8]
 
 
 @contextlib.contextmanager
@@ -36,7 +36,7 @@ def reap_orphan_builds(state_root: str | Path) -> list[int]:
     return the QEMU pids killed. A VM is only killed when its command line names its own build
     directory (pids get reused)."""
     killed: list[int] = []
-    root = Path(state_root) / BUILDS_DIR
+    root = builds_dir(state_root)
     try:
         owners = [d for d in root.iterdir() if d.name.isdigit()]
     except OSError:

@@ -19,7 +19,7 @@ import trio
 
 from kata_trio import open_nursery_unwrapped
 
-from ..spare import spare_argv
+from ..args import spare_argv
 
 log = logging.getLogger(__name__)
 

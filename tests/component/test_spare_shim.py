@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shim import spare
+from shim.args import spare_argv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def start_spare(sock: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(spare.spare_argv(str(sock)), cwd=REPO, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(spare_argv(str(sock)), cwd=REPO, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: sock.exists() or proc.poll() is not None, 60, "the spare's socket")
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -76,7 +77,7 @@ def test_a_malformed_hand_off_is_refused(tmp_path: Path) -> None:
 
 def test_a_spare_whose_pool_died_exits(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
-    argv = " ".join(f"'{a}'" for a in spare.spare_argv(str(sock)))
+    argv = " ".join(f"'{a}'" for a in spare_argv(str(sock)))
     # the "pool" is a shell that starts the spare, waits for its socket and dies
     pool = subprocess.run(["sh", "-c", f"{argv} >/dev/null 2>&1 & echo $!; "
                            f"while [ ! -S '{sock}' ]; do sleep 0.05; done"],

@@ -6,7 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from shim.factory.builds import BUILDS_DIR, build_work_dir, reap_orphan_builds
+from shim.factory.builds import build_work_dir, reap_orphan_builds
+from shim.layout import BUILDS_DIR
 
 
 def _dead_pid() -> int:

@@ -14,7 +14,7 @@ from google.protobuf import any_pb2, empty_pb2
 
 import ttrpc
 from protos.containerd.runtime.v2.task import shim_pb2
-from shim.manager import socket_address, socket_path
+from shim.layout import socket_address, socket_path
 from tests.e2e.test_ctr_vm import task_status
 from tests.support.containerd import NAMESPACE, RUNTIME, PrivateContainerd
 from tests.support.vmprocs import qemu_pids, wait_for

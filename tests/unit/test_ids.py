@@ -7,7 +7,7 @@ import pytest
 
 from shim import oci
 from shim.errors import InvalidArgument
-from shim.manager import sandbox_state_dir
+from shim.layout import sandbox_state_dir
 
 BAD = ["../x", "a/b", "x\n", "..", ".", "", "-x", "x-", "a..b", "a b", "é", "x\x00", "a" * 77, "/abs"]
 GOOD = ["c1", "web-1", "a.b_c-d", "0" * 64, "a" * 76]
