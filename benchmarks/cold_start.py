@@ -33,8 +33,9 @@ from benchmarks._table import STATS_HEADERS, mib, proc_kib, stats_row, table, vm
 from shim.config import Config, RuntimeConfig  # noqa: E402
 from shim.mounts import unmount_all  # noqa: E402
 from shim.process import Container, Process  # noqa: E402
-from shim.sandbox import GUEST_FILES, VmSandbox  # noqa: E402
+from shim.sandbox import VmSandbox  # noqa: E402
 from shim.stdio import HostStdio  # noqa: E402
+from shim.vm_shape import GUEST_FILES  # noqa: E402
 from tests.support.images import APPLETS, _busybox  # noqa: E402
 
 CONSOLE_POLL_S = 0.01

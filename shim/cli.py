@@ -71,15 +71,16 @@ def cmd_template_build(config: Config) -> int:
     build another process has under way; a valid template is kept as it is."""
     import trio  # the VMM path: only for this command
 
+    from agent_client.transport import vsock_available
+
     from .factory.builds import build_dir
     from .factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
     from .factory.template import ensure_template
-    from .sandbox import VmSandbox
+    from .vm_shape import find_guest, vm_config
 
     async def build() -> int:
         accel = detect_accel(config.hypervisor.accel)  # type: ignore[arg-type]
-        probe = VmSandbox("template-build", config, None)  # type: ignore[arg-type]  # only its vm_config is used
-        cfg = probe.vm_config(probe.guest_image())
+        cfg = vm_config(config, "template-build", find_guest(config), vsock=vsock_available())
         key = template_key(cfg, accel, guest_image_hash(cfg), qemu_version())
         store = _store(config)
         existed = store.lookup(key) is not None

@@ -35,21 +35,14 @@ from agent_client.grpc_client import GrpcAgent, connect_agent
 from agent_client.protocol import Agent, Storage
 from agent_client.transport import SerialTransport, VsockTransport, vsock_available
 from vmm.accel import AccelChoice, detect_accel
-from vmm.config import (
-    DEFAULT_KERNEL_PARAMS,
-    SHARED_MOUNT_TAG,
-    NinePShare,
-    SerialChannel,
-    VmConfig,
-    VsockChannel,
-)
+from vmm.config import SHARED_MOUNT_TAG, SerialChannel, VmConfig
 from vmm.errors import VmmError
 from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
-from vmm.vsock import guest_cid, read_token, start_with_free_cid
+from vmm.vsock import read_token, start_with_free_cid
 
 from . import mounts, oci, portforward, volumes
-from .annotations import GuestAssets, apply_annotations
+from .annotations import apply_annotations
 from .config import Config
 from .errors import (
     AlreadyExists,
@@ -69,7 +62,7 @@ from .factory.protocol import request as pool_request
 from .factory.store import TemplateStore
 from .factory.template import ensure_template, restore_clone
 from .hooks import Hook, oci_state, parse_hooks, run_hooks
-from .manager import sandbox_state_dir
+from .layout import sandbox_state_dir
 from .network.spec import netns_path
 from .process import Container
 from .resources.cgroups import (
@@ -83,13 +76,13 @@ from .resources.reconciler import Reconciler
 from .resources.sizing import SandboxSizing, Target, calculate_sandbox
 from .share import GUEST_SHARED, GuestShare
 from .timing import PhaseTimer
+from .vm_shape import find_guest, vm_config
 
 if TYPE_CHECKING:
     from .network.pod import PodNetwork
 
 log = logging.getLogger(__name__)
 
-GUEST_FILES = ("vmlinux", "initrd.img", "rootfs.erofs")
 REMOVE_TIMEOUT_S = 30
 # hot-plug and guest onlining of a few vCPUs and GiB: well under 10 s even under TCG
 RESIZE_TIMEOUT_S = 60
@@ -290,35 +283,6 @@ class VmSandbox:
             log.error("sandbox %s: left in its state dir (still mounted): %s", self.id, ", ".join(left))
 
     # --- the start script -----------------------------------------------------------------------
-    def guest_image(self) -> Path:
-        """Raises FailedPrecondition naming what is missing."""
-        guest = self.config.guest_dir()
-        missing = [f for f in GUEST_FILES if not (guest / f).is_file()]
-        if missing:
-            raise FailedPrecondition(
-                f"guest image not built: {', '.join(missing)} missing in {guest} "
-                "(build it with `python3 packaging/guest/build_guest.py`)")
-        return guest.resolve()
-
-    def vm_config(self, guest: Path, assets: GuestAssets | None = None) -> VmConfig:
-        """The VM for this sandbox: `guest`'s files unless `assets` (checked annotations) replace them."""
-        h = self.config.hypervisor
-        assets = assets or GuestAssets()
-        # vmm adds the agent channel and log level keys to the kernel command line itself
-        channel: SerialChannel | VsockChannel = (
-            VsockChannel(guest_cid=guest_cid(self.id)) if vsock_available() else SerialChannel())
-        # the guest build knows the kernel arguments its initrd and kernel need
-        cmdline_file = guest / "cmdline"
-        base = tuple(cmdline_file.read_text().split()) if cmdline_file.is_file() else DEFAULT_KERNEL_PARAMS
-        return VmConfig(
-            state_dir=self.state_dir, kernel=assets.kernel or guest / "vmlinux",
-            initrd=assets.initrd or guest / "initrd.img", rootfs=assets.image or guest / "rootfs.erofs",
-            kernel_params=base, kernel_params_extra=tuple(h.kernel_params.split()),
-            guest_log_level="debug" if self.config.runtime.debug else "info", name=f"kata-py-{self.id[:16]}",
-            machine=h.machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
-            max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
-            tb_size_mib=h.tb_size_mib, tcg_multithread=h.tcg_multithread, agent=channel, shared=NinePShare(self.share.exported))
-
     async def start(self, sandbox_spec: dict[str, Any], bundle: str = "") -> None:
         """Boot the VM and bring its agent up.
 
@@ -332,7 +296,7 @@ class VmSandbox:
         h = self.config.hypervisor
         self.sizing = SandboxSizing(default_vcpus=h.default_vcpus, max_vcpus=h.max_vcpus,
                                     default_memory_mib=h.default_memory_mib, max_memory_mib=h.max_memory_mib)
-        guest = self.guest_image()
+        guest = find_guest(self.config)
         try:
             accel = detect_accel(self.config.hypervisor.accel)  # type: ignore[arg-type]
         except VmmError as exc:
@@ -341,7 +305,9 @@ class VmSandbox:
         # the state dir is made by the share (or is a pool VM's, renamed): only its parent here
         self.state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            boot = await self._launch_vm(self.vm_config(guest, effective.assets), accel, timer)
+            cfg = vm_config(self.config, self.id, guest, vsock=vsock_available(), state_dir=self.state_dir,
+                            assets=effective.assets)
+            boot = await self._launch_vm(cfg, accel, timer)
             await self._init_guest(sandbox_spec, timer)
             await self._run_hooks(sandbox_spec, bundle, ("createRuntime", "prestart"), "created")
             await self._setup_network(sandbox_spec, timer)

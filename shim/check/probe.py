@@ -129,7 +129,7 @@ class Probe:
             return QemuFacts(binary=QEMU_BINARY, path=path, version_line="", error=str(exc))
 
     def guest(self) -> GuestFacts:
-        from ..sandbox import GUEST_FILES  # the files a sandbox boots from
+        from ..vm_shape import GUEST_FILES  # the files a sandbox boots from
 
         d = self.config.guest_dir()
         if not d.is_dir():
@@ -279,12 +279,13 @@ def _create_vm(dev: str) -> str:
 
 def _template_facts(config: Config, guest: Path, accel: AccelChoice, root: Path) -> TemplateFacts:
     """The key a sandbox of this configuration would look up, and what the store holds for it."""
+    from agent_client.transport import vsock_available
+
     from ..factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
     from ..factory.store import MIB, TemplateInvalid, TemplateStore
-    from ..sandbox import VmSandbox
+    from ..vm_shape import read_guest, vm_config
 
-    sandbox = VmSandbox("kata-py-check", config, None)  # type: ignore[arg-type]  # only its vm_config is used
-    cfg = sandbox.vm_config(guest)
+    cfg = vm_config(config, "kata-py-check", read_guest(guest), vsock=vsock_available())
     try:
         key = template_key(cfg, accel, guest_image_hash(cfg), qemu_version())
     except NoTemplate as exc:

@@ -22,7 +22,6 @@ of every pool whose record no longer names a running process, and removes those 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -33,9 +32,10 @@ from typing import Any
 
 import trio
 
+from agent_client.transport import vsock_available
 from kata_trio import open_nursery_unwrapped
 from vmm.accel import AccelChoice, detect_accel
-from vmm.config import NinePShare, VmConfig
+from vmm.config import VmConfig
 from vmm.errors import VmmError
 from vmm.procrecord import QEMU_RECORD, is_running, kill_recorded, read_record, write_record
 from vmm.qemu import QemuHypervisor
@@ -43,8 +43,10 @@ from vmm.qemu import QemuHypervisor
 from .. import mounts
 from ..config import Config
 from ..errors import ShimError
+from ..layout import default_pool_socket, pool_vms_dir, sandboxes_dir, spares_dir
 from ..share import GuestShare
 from ..share import detach as share_detach
+from ..vm_shape import find_guest, vm_config
 from .key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .protocol import PoolError, receive, send
 from .spares import SpareShims
@@ -60,7 +62,7 @@ RECHECK_KEY_S = 30.0  # a rebuilt guest image (or config) changes the key: ready
 
 
 def default_socket(config: Config) -> Path:
-    return Path(config.runtime.state_dir) / "pool" / "pool.sock"
+    return default_pool_socket(config.runtime.state_dir)
 
 
 class Pool:
@@ -70,11 +72,11 @@ class Pool:
         self.config = config
         self.socket_path = socket_path
         self.size = size
-        self.spares = SpareShims(socket_path.parent / "spares",
+        self.spares = SpareShims(spares_dir(socket_path),
                                  config.factory.pool_shims if shims is None else shims)
-        self.root = Path(config.runtime.state_dir) / "pool" / "vms"
+        self.root = pool_vms_dir(config.runtime.state_dir)
         self.own = self.root / str(os.getpid())  # this pool's VMs and its process record
-        self.sandboxes = Path(config.runtime.state_dir) / "sandboxes"
+        self.sandboxes = sandboxes_dir(config.runtime.state_dir)
         f = config.factory
         self.store = TemplateStore(f.template_path(), f.template_cache_max_mb * MIB)
         self.ready: list[QemuHypervisor] = []
@@ -85,15 +87,10 @@ class Pool:
         self._nursery: trio.Nursery | None = None  # serve()'s; it also reaps the QEMUs handed out
 
     def vm_config(self, n: int | str) -> VmConfig:
-        """This pool's VM number `n` (named, and its vsock CID derived, from an id unique on the host)."""
-        from ..sandbox import VmSandbox  # the same VM shape a shim would build
-
-        cfg = dataclasses.replace(self.config, runtime=dataclasses.replace(self.config.runtime,
-                                                                             state_dir=str(self.root.parent)))
-        sandbox = VmSandbox(f"p{os.getpid()}-{n}", cfg, None)  # type: ignore[arg-type]  # only its vm_config is used
-        state = self.own / str(n)
-        return dataclasses.replace(sandbox.vm_config(sandbox.guest_image()), state_dir=state,
-                                   shared=NinePShare(state / "shared"))
+        """This pool's VM number `n` (named, and its vsock CID derived, from an id unique on the
+        host): the same VM shape a shim builds (shim/vm_shape.py), in the pool's own directory."""
+        return vm_config(self.config, f"p{os.getpid()}-{n}", find_guest(self.config), vsock=vsock_available(),
+                         state_dir=self.own / str(n))
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fill the pool and serve requests until cancelled; then stop every VM still owned.
