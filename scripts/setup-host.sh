@@ -11,6 +11,7 @@ cd "$KATA_PY_REPO"
 APT_PACKAGES=(
   qemu-system-x86 containerd runc crun busybox-static debootstrap kmod cpio xz-utils zstd
   erofs-utils e2fsprogs file util-linux iproute2 containernetworking-plugins
+  prometheus  # promtool checks our metrics; the metrics e2e test runs a private prometheus
   golang-go golang-github-containerd-ttrpc-dev golang-github-gogo-protobuf-dev
 )
 BASE_PYTHON=${PYTHON:-python3}
@@ -24,6 +25,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] apt-get install ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # only its binaries are wanted: the host-wide service Debian starts on a systemd host is not ours
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 if ! can_make_venv; then
   echo "[setup] $BASE_PYTHON cannot make a virtual environment (no venv/ensurepip); set PYTHON=/usr/bin/python3" >&2
