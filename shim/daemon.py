@@ -25,6 +25,7 @@ from .args import LISTEN_FD_ENV, ShimArgs
 from .config import load_config
 from .events import Publisher
 from .layout import LOG_FIFO, socket_address, socket_path
+from .metrics.pod import PodMetrics
 from .sandbox import VmSandbox
 from .service import TASK_SERVICE, TaskService
 from .timing import log_shim_start
@@ -67,8 +68,10 @@ async def serve(args: ShimArgs, grouping: str, listen_fd: int | None) -> None:
             await nursery.start(publisher.run)
             sandbox = VmSandbox(grouping, config, nursery)
             service = TaskService(sandbox, publisher, nursery, shutdown, stopped)
+            metrics = PodMetrics(sandbox, service)  # the pod's management socket (shim-monitor.sock)
+            await nursery.start(metrics.serve)
             server = ttrpc.Server()
-            server.register(TASK_SERVICE, service.methods())
+            server.register(TASK_SERVICE, metrics.instrument(service.methods()))
             listener = ttrpc.listener_from_socket(sock)
             serving = trio.CancelScope()
             nursery.start_soon(_serve, server, listener, serving)

@@ -111,14 +111,14 @@ async def handle_connection(stream: trio.SocketStream, handler: Handler) -> None
 
 async def _read_head(stream: trio.SocketStream) -> bytes:
     data = b""
-    while b"\r\n\r\n" not in data:
-        if len(data) > MAX_REQUEST_BYTES:
-            raise BadRequest(431, f"request head over {MAX_REQUEST_BYTES} bytes")
+    while (end := data.find(b"\r\n\r\n")) < 0 and len(data) <= MAX_REQUEST_BYTES:
         chunk = await stream.receive_some(4096)
         if not chunk:
             raise BadRequest(400, "connection closed before the request ended")
         data += chunk
-    return data
+    if end < 0 or end + 4 > MAX_REQUEST_BYTES:
+        raise BadRequest(431, f"request head over {MAX_REQUEST_BYTES} bytes")
+    return data[:end + 4]
 
 
 async def _send(stream: trio.SocketStream, data: bytes) -> None:

@@ -91,7 +91,8 @@ class PodMetrics:
     def __init__(self, sandbox: SandboxView, service: ServiceView) -> None:
         self.sandbox = sandbox
         self.service = service
-        self.started = trio.Event()
+        self.started = trio.Event()  # the sandbox runs: its state dir exists
+        self.serving = trio.Event()  # the socket listens
         self.rpc = Histogram("kata_py_shim_rpc_duration_seconds",
                              "Time the shim took to answer each Task API method containerd called.",
                              ["method"], RPC_BUCKETS)
@@ -150,7 +151,8 @@ class PodMetrics:
                     await trio.sleep_forever()
                 listener = ttrpc.listener_from_socket(sock)
                 log.info("sandbox %s: metrics on %s", self.sandbox.id, state_dir / SOCKET_NAME)
-                await http.serve([listener], self.handle)
+                await nursery.start(http.serve, [listener], self.handle)
+                self.serving.set()
         finally:
             self._nursery = None
             if self._timing_handler is not None:
