@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     pool.add_argument("--size", type=int, help="VMs to keep ready (default: [factory] pool_size)")
     pool.add_argument("--shims", type=int, help="spare shim daemons to keep ready (default: [factory] pool_shims)")
     pool.set_defaults(fn=cmd_pool)
+    from .monitor import add_commands as add_monitor_commands  # metrics, monitor (issue #18)
+
+    add_monitor_commands(sub)
     args = p.parse_args(argv)
     if getattr(args, "own_config", False):  # check/env load it themselves: a bad one is a finding
         return args.fn(None, args)

@@ -231,3 +231,45 @@ def test_pod_identity_and_agent_url():
     assert metrics.agent_url() == "unix:///s/agent.sock"
     sandbox._vm = Vm(VsockChannel(guest_cid=7))  # type: ignore[attr-defined]
     assert metrics.agent_url() == "vsock://7:1024"
+
+
+async def test_monitor_labels_and_caches_every_pod(tmp_path: Path, qemu_stand_in: int):
+    from shim.metrics import aggregate
+
+    async with trio.open_nursery() as nursery:
+        metrics, sandbox = await _setup(tmp_path, qemu_stand_in, nursery)
+        await _create(metrics, sandbox)
+        await _wait_socket(metrics)
+        # a second pod's dir whose shim is gone (a stale socket): down, not fatal
+        dead = tmp_path / "sandboxes" / "0123456789abcdef01234567"
+        dead.mkdir()
+        (dead / pod.SOCKET_NAME).touch()
+        (tmp_path / "sandboxes" / "no-socket").mkdir()  # not started yet: not listed
+        monitor = aggregate.Monitor(tmp_path)
+        families = _by_name(await monitor.collect())
+        up = families["kata_py_monitor_shim_up"]
+        assert _value(up, sandbox_id="sbx-1", cri_pod_name="web", cri_pod_namespace="team-a", cri_pod_uid="uid-123") == 1
+        assert _value(up, sandbox_id=dead.name, cri_pod_name="") == 0
+        assert _value(families["kata_py_monitor_sandboxes"]) == 2
+        mem = families["kata_py_container_memory_usage_bytes"]
+        assert _value(mem, container_id="app", cri_pod_name="web", cri_pod_uid="uid-123") == 5 << 20
+        scrapes = len(sandbox.agent.calls)
+        await monitor.collect()  # within SCRAPE_TTL_S: the shim is not asked again
+        assert len(sandbox.agent.calls) == scrapes
+        text = (await monitor.handle("/metrics")).body
+        done = await trio.run_process(["promtool", "check", "metrics"], stdin=text, capture_stdout=True,
+                                      capture_stderr=True, check=False)
+        assert done.returncode == 0 and not done.stdout.strip(), done
+        assert aggregate.find_sandbox(tmp_path, "sbx") == sandbox.state_dir  # a unique prefix
+        assert aggregate.find_sandbox(tmp_path, "zzz") is None
+        nursery.cancel_scope.cancel()
+
+
+def test_parse_listen():
+    from shim.metrics.aggregate import parse_listen
+
+    assert parse_listen("127.0.0.1:8090") == ("127.0.0.1", 8090)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    for bad in ("8090", "host:", ":80", "h:x"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
