@@ -9,15 +9,14 @@ import sys
 
 print("KATA_PY_AGENT_START", flush=True)
 
-import os  # noqa: E402  (after the start marker on purpose)
+import argparse  # noqa: E402  (after the start marker on purpose)
+import os  # noqa: E402
 
 GUEST_ROOT = "/run/kata-py"
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 
-def _parse_args(argv: list[str]):  # type: ignore[no-untyped-def]
-    import argparse
-
+def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m agent", description="kata-py in-guest agent")
     p.add_argument("--listen", help="serve here (unix:PATH) instead of the kernel command line's channel")
     p.add_argument("--root", default=GUEST_ROOT, help="agent state directory (default %(default)s)")

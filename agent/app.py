@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+import grpc
+
 from agent import cgroups
 from agent.containers import Containers
 from agent.oci_runtime import OciRuntime, find_runtime
@@ -37,7 +39,7 @@ class Agent:
         self.oom = OomWatcher(lambda: [(c.id, c.cgroup) for c in self.containers.all()])
         self.warm = WarmUp(root, address, self.runtime, self.containers, self.reaper)
         self._stop = threading.Event()
-        self._server = None
+        self._server: grpc.Server | None = None
 
     def start(self) -> None:
         """Start the reaper, the OOM watcher and the gRPC server. Raises RuntimeError if the address

@@ -212,7 +212,7 @@ class AuthenticatedListener:
     """
 
     def __init__(self, listener: socket.socket, local_path: str, token: bytes,
-                 peer_ok: Callable[[tuple], bool]) -> None:  # type: ignore[type-arg]
+                 peer_ok: Callable[[tuple], bool]) -> None:  # accept()'s address, any family
         if not _TOKEN_RE.fullmatch(token):
             raise ValueError(f"agent token must be {TOKEN_LEN} lowercase hex digits")
         self._listener = listener
@@ -345,7 +345,7 @@ def serve_vsock(port: int, local_path: str, token_path: str = TOKEN_PATH) -> Aut
     return gate
 
 
-def _logged(fn):  # type: ignore[no-untyped-def]
+def _logged(fn: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         try:
             fn()

@@ -174,7 +174,7 @@ class Ip:
 def macs_in_sysfs(sys_class_net: str) -> set[str]:
     """The MAC addresses of this namespace's links, from sysfs (no process: a `ip` exec costs ~0.1 s
     of the guest's only vCPU, which a NIC being hot-plugged needs)."""
-    found = set()
+    found: set[str] = set()
     try:
         names = os.listdir(sys_class_net)
     except OSError:

@@ -95,7 +95,7 @@ def _address(a: pb.IPAddress) -> network.Address:
     return network.Address(a.address, prefix, 6 if a.family == pb.IPAddress.V6 else 4)
 
 
-def _family_pb(family: int) -> int:
+def _family_pb(family: int) -> pb.IPAddress.Family:
     return pb.IPAddress.V6 if family == 6 else pb.IPAddress.V4
 
 

@@ -131,7 +131,7 @@ def _storage(s: Storage) -> pb.Storage:
     )
 
 
-def _family(family: int) -> int:
+def _family(family: int) -> pb.IPAddress.Family:
     return pb.IPAddress.V6 if family == 6 else pb.IPAddress.V4
 
 
@@ -244,11 +244,15 @@ class _PortForward:
             return AgentBadResponse("port-forward: the guest ended the call before the host's eof")
         return error_from_status("PortForward", code, details)
 
+    def _next_frame(self) -> pb.PortForwardFrame | None:
+        """Blocks (in a worker thread) for the guest's next frame; None once the call ended."""
+        frame: pb.PortForwardFrame | None = next(self._call, None)
+        return frame
+
     async def _next(self) -> bytes | None:
         """The next guest frame's data (b"" for connected/eof), None once the call ended well."""
-        msg = await self._agent._wait("PortForward", self._call, lambda: next(self._call, _EOF),
-                                      self._agent._long_lived_threads)
-        if msg is _EOF:
+        msg = await self._agent._wait("PortForward", self._call, self._next_frame, self._agent._long_lived_threads)
+        if msg is None:
             return None
         return self._frames.check(port=msg.port, family=msg.family, data=msg.data, connected=msg.connected,
                                   eof=msg.eof)

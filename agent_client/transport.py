@@ -26,6 +26,9 @@ import grpc
 
 from agent_client.bridge import SocketBridge
 
+# What socket.bind/connect take: (host, port), (cid, port) or a unix path
+SockAddress = tuple[Any, ...] | str
+
 VSOCK_DEVICE = "/dev/vhost-vsock"
 AGENT_VSOCK_PORT = 1024
 # Source ports the host side binds: privileged ones (vsock reserves 0-1023, as IP does; 0 is left
@@ -156,7 +159,7 @@ class VsockTransport(_BridgedTransport):
     def _upstream(self) -> tuple[int, object]:
         return self._family, (self.cid, self.port)
 
-    def _local_address(self, port: int) -> object:
+    def _local_address(self, port: int) -> SockAddress:
         """Where to bind before connecting (tests replace the family and these methods)."""
         return (socket.VMADDR_CID_ANY, port)
 
@@ -168,7 +171,7 @@ class VsockTransport(_BridgedTransport):
         return _AuthenticatedBridge(family, address, name=self.describe(), token=self._token, bind=self._bind)
 
 
-def bind_privileged(sock: socket.socket, local_address: Callable[[int], object],
+def bind_privileged(sock: socket.socket, local_address: Callable[[int], SockAddress],
                     ports: Sequence[int] = PRIVILEGED_SOURCE_PORTS) -> int:
     """Bind `sock` to the first free one of `ports` (tried in random order); return it.
 

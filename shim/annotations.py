@@ -174,4 +174,4 @@ def apply_annotations(config: Config, annotations: Mapping[str, str]) -> Effecti
         else:
             raise InvalidArgument(f"annotation {name} is not supported by kata-py")
     effective = dataclasses.replace(config, hypervisor=dataclasses.replace(h, **changes))  # type: ignore[arg-type]
-    return Effective(effective, GuestAssets(**assets))  # type: ignore[arg-type]
+    return Effective(effective, GuestAssets(**assets))

@@ -73,9 +73,10 @@ class LoggerProcess:
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD) for fd in (null, out_r, err_r, ready_w)]
             fds += high
             h_null, h_out, h_err, h_ready = high
-            actions = [(os.POSIX_SPAWN_DUP2, h_null, 0), (os.POSIX_SPAWN_DUP2, h_null, 1),
-                       (os.POSIX_SPAWN_DUP2, h_null, 2), (os.POSIX_SPAWN_DUP2, h_out, 3),
-                       (os.POSIX_SPAWN_DUP2, h_err, 4), (os.POSIX_SPAWN_DUP2, h_ready, 5)]
+            actions: list[tuple[int, ...]] = [  # DUP2 (op, fd, target), CLOSE (op, fd)
+                (os.POSIX_SPAWN_DUP2, h_null, 0), (os.POSIX_SPAWN_DUP2, h_null, 1),
+                (os.POSIX_SPAWN_DUP2, h_null, 2), (os.POSIX_SPAWN_DUP2, h_out, 3),
+                (os.POSIX_SPAWN_DUP2, h_err, 4), (os.POSIX_SPAWN_DUP2, h_ready, 5)]
             # fds the shim inherited without O_CLOEXEC would be the logger's too (ours all have it)
             actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 5]
             env = {"CONTAINER_ID": process_id, "CONTAINER_NAMESPACE": namespace}

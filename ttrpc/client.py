@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from kata_trio import open_nursery_unwrapped
 
 from .codec import (
+    Frame,
     FrameDecoder,
     MessageType,
     OversizedFrame,
@@ -117,21 +118,20 @@ class Client:
         finally:
             self._close(reason)
 
-    def _route(self, event: object) -> None:
+    def _route(self, event: Frame | OversizedFrame) -> None:
         if isinstance(event, OversizedFrame):
             pending = self._pending.get(event.stream_id)
             if pending is not None:
                 pending.error = StatusError(event.message, Code.RESOURCE_EXHAUSTED)
                 pending.done.set()
             return
-        assert not isinstance(event, OversizedFrame)
-        if event.type != MessageType.RESPONSE:  # type: ignore[attr-defined]
+        if event.type != MessageType.RESPONSE:
             return
-        pending = self._pending.get(event.stream_id)  # type: ignore[attr-defined]
+        pending = self._pending.get(event.stream_id)
         if pending is None:
             return  # a call that timed out already
         try:
-            pending.response = decode_response(event.payload)  # type: ignore[attr-defined]
+            pending.response = decode_response(event.payload)
         except RemoteProtocolError as exc:
             pending.error = exc
         pending.done.set()

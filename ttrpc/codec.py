@@ -73,7 +73,7 @@ class FrameDecoder:
         self._skip = 0  # payload bytes of an oversized frame still to discard
         self._pending_oversized: OversizedFrame | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
 
     @property

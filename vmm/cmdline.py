@@ -111,7 +111,7 @@ def build_argv(cfg: VmConfig, accel: AccelChoice, qemu_binary: str = "qemu-syste
 
 
 def _machine(cfg: VmConfig) -> str:
-    parts = [cfg.machine]
+    parts: list[str] = [cfg.machine]
     if cfg.ram_file is not None or isinstance(cfg.shared, VirtioFsShare):
         parts.append(f"memory-backend={RAM_BACKEND_ID}")
     return ",".join(parts)
@@ -139,14 +139,15 @@ def _memory(cfg: VmConfig) -> str:
 
 def _agent_devices(cfg: VmConfig, bus: str) -> list[str]:
     if isinstance(cfg.agent, SerialChannel):
+        sock = cfg.agent.socket_in(cfg.state_dir)
         return ["-device", f"virtio-serial-{bus},id=vser0",
-                "-chardev", f"socket,id={AGENT_CHARDEV_ID},path={opt(cfg.agent_socket)},server=on,wait=off",
+                "-chardev", f"socket,id={AGENT_CHARDEV_ID},path={opt(sock)},server=on,wait=off",
                 "-device", f"virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV_ID},"
                            f"name={AGENT_PORT_NAME},id={AGENT_PORT_ID}"]
     # The agent's token reaches the guest as an fw_cfg file: its path is on this (world-readable)
     # command line, its content only in the 0600 file and the guest (vmm/vsock.py).
     return ["-device", f"vhost-vsock-{bus},id=vsock0,guest-cid={cfg.agent.guest_cid}",
-            "-fw_cfg", f"name={AGENT_TOKEN_FW_CFG},file={opt(cfg.agent_token_file)}"]
+            "-fw_cfg", f"name={AGENT_TOKEN_FW_CFG},file={opt(cfg.agent.token_file_in(cfg.state_dir))}"]
 
 
 def _shared_devices(cfg: VmConfig, bus: str) -> list[str]:

@@ -8,6 +8,7 @@ misbehave silently; it is called by the command-line builder.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -52,6 +53,9 @@ class SerialChannel:
 
     socket_path: Path | None = None  # default: <state_dir>/agent.sock
 
+    def socket_in(self, state_dir: Path) -> Path:
+        return self.socket_path or state_dir / "agent.sock"
+
 
 @dataclass(frozen=True)
 class VsockChannel:
@@ -64,6 +68,9 @@ class VsockChannel:
     guest_cid: int
     port: int = 1024
     token_file: Path | None = None
+
+    def token_file_in(self, state_dir: Path) -> Path:
+        return self.token_file or state_dir / "agent-token"
 
 
 AgentChannel = SerialChannel | VsockChannel
@@ -145,13 +152,13 @@ class VmConfig:
     @property
     def agent_socket(self) -> Path | None:
         if isinstance(self.agent, SerialChannel):
-            return self.agent.socket_path or self.state_dir / "agent.sock"
+            return self.agent.socket_in(self.state_dir)
         return None
 
     @property
     def agent_token_file(self) -> Path | None:
         if isinstance(self.agent, VsockChannel):
-            return self.agent.token_file or self.state_dir / "agent-token"
+            return self.agent.token_file_in(self.state_dir)
         return None
 
     @property
@@ -173,7 +180,7 @@ class VmConfig:
             raise InvalidVmConfig("invalid VM config: " + "; ".join(problems))
 
 
-def _problems(cfg: VmConfig):
+def _problems(cfg: VmConfig) -> Iterator[str]:
     if not 1 <= cfg.vcpus <= cfg.max_vcpus:
         yield f"vcpus must be in 1..max_vcpus ({cfg.vcpus} / {cfg.max_vcpus})"
     if cfg.memory_mib < 64:

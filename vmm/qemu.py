@@ -172,13 +172,14 @@ class QemuHypervisor:
                 _record(self.config.state_dir, proc.pid)
             async with open_nursery_unwrapped() as inner:  # VmStartError comes out bare
                 with self._start_scope:
-                    self._qmp = await inner.start(self._hold_qmp, proc)
+                    qmp: QmpClient = await inner.start(self._hold_qmp, proc)
+                    self._qmp = qmp
                 if self._start_scope.cancelled_caught:
                     raise VmStartError("stop() was called while the VM was starting", self.console_tail())
                 self._state = _State.RUNNING
                 reason = "exited"
                 task_status.started()
-                inner.start_soon(self._kill_on_qmp_eof, proc, self._qmp)
+                inner.start_soon(self._kill_on_qmp_eof, proc, qmp)
                 inner.start_soon(self._bound_console)
                 with self._qmp_scope:
                     await proc.wait()

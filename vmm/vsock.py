@@ -130,11 +130,11 @@ async def start_with_free_cid(make_vm: Callable[[VmConfig], V], cfg: VmConfig, n
         vm = make_vm(cfg)
         await vm.start(nursery)
         return vm
-    token_file = cfg.agent_token_file
-    assert token_file is not None
+    token_file = cfg.agent.token_file_in(cfg.state_dir)
     await trio.to_thread.run_sync(write_token, token_file, new_token())
     for attempt in range(attempts):
-        try_cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, guest_cid=guest_cid(sandbox_id, attempt)))
+        channel = dataclasses.replace(cfg.agent, guest_cid=guest_cid(sandbox_id, attempt))
+        try_cfg = dataclasses.replace(cfg, agent=channel)
         vm = make_vm(try_cfg)
         hook, vm.on_exit = vm.on_exit, None
         try:
@@ -142,7 +142,7 @@ async def start_with_free_cid(make_vm: Callable[[VmConfig], V], cfg: VmConfig, n
         except VmStartError as exc:
             if attempt + 1 < attempts and cid_in_use(exc.console_tail):
                 log.warning("sandbox %s: vsock guest cid %d is taken, trying another", sandbox_id,
-                            try_cfg.agent.guest_cid)  # type: ignore[union-attr]
+                            channel.guest_cid)
                 continue
             if hook is not None and vm.exit_info is not None:
                 hook(vm.exit_info)

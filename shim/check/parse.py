@@ -123,24 +123,27 @@ def config_imports(doc: dict[str, Any], config_file: str) -> list[str]:
 
 def kata_runtimes(doc: dict[str, Any], file: str) -> list[KataRuntime]:
     """Every `plugins.<plugin>.containerd.runtimes.<name>` with kata-py's runtime_type."""
-    found = []
-    plugins = doc.get("plugins")
-    if not isinstance(plugins, dict):
-        return found
-    for plugin, body in plugins.items():
-        runtimes = (body.get("containerd") or {}).get("runtimes") if isinstance(body, dict) else None
-        if not isinstance(runtimes, dict):
-            continue
-        for name, rt in runtimes.items():
+    found: list[KataRuntime] = []
+    for plugin, body in _table(doc.get("plugins")).items():
+        for name, rt in _table(_table(_table(body).get("containerd")).get("runtimes")).items():
             if not isinstance(rt, dict) or rt.get("runtime_type") != RUNTIME_TYPE:
                 continue
-            options = rt.get("options") if isinstance(rt.get("options"), dict) else {}
             # BurntSushi/toml matches the Options struct's ConfigPath case-insensitively
-            config_path = next((v for k, v in options.items() if k.lower() == "configpath" and isinstance(v, str)), "")
-            runtime_path = rt.get("runtime_path") if isinstance(rt.get("runtime_path"), str) else ""
+            config_path = next((v for k, v in _table(rt.get("options")).items()
+                                if k.lower() == "configpath" and isinstance(v, str)), "")
+            runtime_path = _string(rt.get("runtime_path"))
             found.append(KataRuntime(file=file, plugin=plugin, name=name, config_path=config_path,
                                      runtime_path=runtime_path))
     return found
+
+
+def _table(value: object) -> dict[str, Any]:
+    """A TOML table, or an empty one for anything else (a config of the wrong shape is not ours)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _string(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def containerd_config_arg(args: list[str]) -> str:

@@ -204,9 +204,10 @@ class Probe:
                 files.append(imported)
                 runtimes += parse.kata_runtimes(sub, imported)
         runtimes = [_with_files_checked(r) for r in runtimes]
-        disabled = doc.get("disabled_plugins") if isinstance(doc.get("disabled_plugins"), list) else []
+        disabled = doc.get("disabled_plugins")
         return ContainerdConfigFacts(path=path, exists=True, version=parse.config_version(doc), files=tuple(files),
-                                     runtimes=tuple(runtimes), disabled_plugins=tuple(map(str, disabled)))
+                                     runtimes=tuple(runtimes),
+                                     disabled_plugins=tuple(map(str, disabled)) if isinstance(disabled, list) else ())
 
     def shim_binary(self, containerd: ContainerdFacts | ProbeFailed) -> ShimBinaryFacts:
         name = parse.SHIM_BINARY

@@ -61,7 +61,7 @@ def env_info(f: HostFacts, runtime: Mapping[str, Any]) -> dict[str, Any]:
     def accel(k: Any) -> dict[str, Any]:
         try:
             choice = choose_accel(k.requested, k.probe)
-            chosen = {"name": choice.name, "reason": choice.reason}
+            chosen: dict[str, str | None] = {"name": choice.name, "reason": choice.reason}
         except AccelUnavailable as exc:
             chosen = {"name": None, "reason": str(exc)}
         return {"requested": k.requested, **chosen,

@@ -62,7 +62,7 @@ def routes(records: Iterable[Record], guest_names: Mapping[int, str]) -> list[Ro
     for r in records:
         oif = r.get("oif")
         if (r.get("table", RT_TABLE_MAIN) != RT_TABLE_MAIN or r.get("type", RTN_UNICAST) != RTN_UNICAST
-                or oif not in guest_names or r.get("scope", 0) == RT_SCOPE_HOST):
+                or not isinstance(oif, int) or oif not in guest_names or r.get("scope", 0) == RT_SCOPE_HOST):
             continue
         family = _family(r["family"])
         dst, dst_len = r.get("dst") or "", int(r.get("dst_len") or 0)

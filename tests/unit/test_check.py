@@ -415,6 +415,14 @@ def test_kata_runtimes_and_imports_of_a_containerd_config() -> None:
     assert parse.config_version({}) == 1 and parse.kata_runtimes({"plugins": {"x": 1}}, "f") == []
 
 
+def test_a_containerd_config_of_the_wrong_shape_finds_nothing_rather_than_failing() -> None:
+    assert parse.kata_runtimes({"plugins": {"cri": {"containerd": "not a table"}}}, "f") == []
+    assert parse.kata_runtimes({"plugins": {"cri": {"containerd": {"runtimes": ["vm"]}}}}, "f") == []
+    odd = {"runtime_type": parse.RUNTIME_TYPE, "options": "not a table", "runtime_path": 7}
+    assert parse.kata_runtimes({"plugins": {"cri": {"containerd": {"runtimes": {"vm": odd}}}}}, "f") == [
+        KataRuntime(file="f", plugin="cri", name="vm", config_path="", runtime_path="")]
+
+
 def test_the_shipped_containerd_snippet_configures_kata_py() -> None:
     snippet = Path(__file__).parents[2] / "packaging/containerd/kata-py.toml"
     doc = tomllib.loads(snippet.read_text())
