@@ -167,6 +167,7 @@ def test_pods_asking_for_host_namespaces_are_refused_and_leave_nothing(
         with pytest.raises(grpc.RpcError) as info:
             client.run_pod_sandbox(pod_config(name, **kwargs), RUNTIME_HANDLER)
         assert field in info.value.details() and "runc RuntimeClass" in info.value.details(), info.value.details()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
     assert client.list_pod_sandboxes() == []
     assert client.list_containers() == []
     assert not qemu_pids(ctd)
