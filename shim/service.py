@@ -26,7 +26,7 @@ from protos.containerd.api.types.task import task_pb2 as task_types
 from protos.containerd.runtime.v2.task import shim_pb2 as pb
 
 from . import oci
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShimError, Unimplemented
 from .events import Publisher, pack_any, timestamp
 from .process import LOST_EXIT_STATUS, Container, Process, State
 from .resources.sizing import ContainerResources, merge_update
@@ -102,7 +102,14 @@ class TaskService:
                                                                        Awaitable[Message]]:
             async def handler(ctx: ttrpc.RequestContext, request: Any) -> Message:
                 log.debug("%s %s", ctx.method, getattr(request, "id", ""))
-                return await fn(request)
+                try:
+                    return await fn(request)
+                except ShimError as exc:
+                    # what containerd shows its user may be wrapped or cut: the shim's log says it whole
+                    # (NotFound is routine: containerd kills and deletes what may be gone already)
+                    log.log(logging.DEBUG if isinstance(exc, NotFound) else logging.WARNING,
+                            "%s %s refused: %s", ctx.method, getattr(request, "id", ""), exc)
+                    raise
             return handler
 
         return {name: ttrpc.Method(req, adapt(fn)) for name, (req, fn) in table.items()}

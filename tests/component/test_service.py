@@ -244,3 +244,20 @@ async def test_guest_oom_kills_become_task_oom_events(bundle: Path):
         ooms = [e for e in shim.publisher.published if e.topic == "/tasks/oom"]
         assert [e.event.container_id for e in ooms] == ["c1", "c1"], shim.topics()
         assert shim.topics() == ["/tasks/create", "/tasks/oom", "/tasks/oom"]
+
+
+async def test_a_refusal_is_in_the_shims_log_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """containerd may wrap or cut the error it shows: the shim's own log (containerd's log) says it."""
+    spec = {**SPEC, "annotations": {"io.kubernetes.cri.container-type": "sandbox"}, "linux": {"namespaces": []}}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    caplog.set_level(logging.DEBUG, logger="shim.service")
+    async with running_shim() as shim:
+        with pytest.raises(ttrpc.StatusError) as info:
+            await shim.call("Create", pb.CreateTaskRequest(id="pod", bundle=str(tmp_path)), pb.CreateTaskResponse)
+        assert info.value.code == ttrpc.Code.INVALID_ARGUMENT
+        with pytest.raises(ttrpc.StatusError):
+            await shim.call("Kill", pb.KillRequest(id="gone"))
+    [refusal] = [r for r in caplog.records if "Create pod refused" in r.getMessage()]
+    assert refusal.levelno == logging.WARNING and "hostNetwork: true" in refusal.getMessage()
+    [routine] = [r for r in caplog.records if "Kill gone refused" in r.getMessage()]
+    assert routine.levelno == logging.DEBUG
