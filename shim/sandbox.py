@@ -313,6 +313,7 @@ class VmSandbox:
             await self._setup_network(sandbox_spec, timer)
             await self._follow_network()
             if self._network is not None:
+                assert self._agent is not None  # _launch_vm connected it
                 self._port_forward = await portforward.start(self._network.netns, self._agent, self._nursery)
             await self._start_reconciler()
             await self._setup_host_cgroups(sandbox_spec)
@@ -574,7 +575,8 @@ class VmSandbox:
         spec) QEMU stays where the shim is.
         """
         cgroups_path = (sandbox_spec.get("linux") or {}).get("cgroupsPath") or ""
-        if not cgroups_path or self._vm is None or self._vm.pid() is None:
+        qemu_pid = self._vm.pid() if self._vm is not None else None
+        if not cgroups_path or qemu_pid is None:
             return
         try:
             plan = plan_cgroups(cgroups_path, self.id, version=detect_version(),
@@ -585,7 +587,7 @@ class VmSandbox:
         self._cgroups = manager
         for note in await trio.to_thread.run_sync(manager.create):
             log.info("sandbox %s cgroups: %s", self.id, note)
-        await trio.to_thread.run_sync(manager.add_process, self._vm.pid())
+        await trio.to_thread.run_sync(manager.add_process, qemu_pid)
         await self._sync_host_cgroups()
 
     async def _sync_host_cgroups(self) -> None:

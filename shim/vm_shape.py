@@ -12,8 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from vmm.config import DEFAULT_KERNEL_PARAMS, NinePShare, SerialChannel, VmConfig, VsockChannel
+from vmm.config import (
+    DEFAULT_KERNEL_PARAMS,
+    MachineType,
+    MemoryHotplug,
+    NinePShare,
+    SerialChannel,
+    VmConfig,
+    VsockChannel,
+)
 from vmm.vsock import guest_cid
 
 from .annotations import GuestAssets
@@ -65,6 +74,9 @@ def vm_config(config: Config, sandbox_id: str, guest: Guest, *, vsock: bool, sta
     assets = assets or GuestAssets()
     state = state_dir if state_dir is not None else sandbox_state_dir(config.runtime.state_dir, sandbox_id)
     # vmm adds the agent channel and log level keys to the kernel command line itself
+    # the configuration holds strings: load_config checks memory_hotplug's, an unknown machine is
+    # QEMU's to refuse (the configuration's types stay plain TOML values)
+    machine, hotplug = cast(MachineType, h.machine), cast(MemoryHotplug, h.memory_hotplug)
     channel: SerialChannel | VsockChannel = (
         VsockChannel(guest_cid=guest_cid(sandbox_id)) if vsock else SerialChannel())
     return VmConfig(
@@ -72,7 +84,7 @@ def vm_config(config: Config, sandbox_id: str, guest: Guest, *, vsock: bool, sta
         initrd=assets.initrd or guest.dir / "initrd.img", rootfs=assets.image or guest.dir / "rootfs.erofs",
         kernel_params=guest.kernel_params, kernel_params_extra=tuple(h.kernel_params.split()),
         guest_log_level="debug" if config.runtime.debug else "info", name=f"kata-py-{sandbox_id[:16]}",
-        machine=h.machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
-        max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=h.memory_hotplug,
+        machine=machine, vcpus=h.default_vcpus, max_vcpus=h.max_vcpus, memory_mib=h.default_memory_mib,
+        max_memory_mib=h.max_memory_mib, memory_slots=h.memory_slots, memory_hotplug=hotplug,
         tb_size_mib=h.tb_size_mib, tcg_multithread=h.tcg_multithread, agent=channel,
         shared=NinePShare(GuestShare(state).exported))

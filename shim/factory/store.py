@@ -13,6 +13,7 @@ one is removed, so it is rebuilt rather than half-used.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import hashlib
 import json
@@ -193,7 +194,7 @@ class TemplateStore:
                     shutil.rmtree(path, ignore_errors=True)
         return n
 
-    def evict(self, keep: str = "") -> list[str]:
+    def evict(self, keep: str = "") -> builtins.list[str]:  # `list` in this class is the method
         """Remove the oldest templates until all fit in max_bytes (never `keep`); returns the keys."""
         if not self.max_bytes:
             return []
