@@ -66,7 +66,8 @@ class SandboxView(Protocol):
 
 
 class ServiceView(Protocol):
-    containers: Mapping[str, Any]  # id → shim.process.Container
+    @property
+    def containers(self) -> Mapping[str, Any]: ...  # id → shim.process.Container (read only here)
 
 
 def pod_identity(sandbox_id: str, annotations: Mapping[str, Any]) -> dict[str, str]:
