@@ -76,11 +76,11 @@ def cmd_template_build(config: Config) -> int:
     from .factory.builds import build_dir
     from .factory.key import NoTemplate, guest_image_hash, qemu_version, template_key
     from .factory.template import ensure_template
-    from .vm_shape import find_guest, vm_config
+    from .vm_shape import agent_over_vsock, find_guest, vm_config
 
     async def build() -> int:
         accel = detect_accel(config.hypervisor.accel)  # type: ignore[arg-type]
-        cfg = vm_config(config, "template-build", find_guest(config), vsock=vsock_available())
+        cfg = vm_config(config, "template-build", find_guest(config), vsock=agent_over_vsock(config, vsock_available()))
         key = template_key(cfg, accel, guest_image_hash(cfg), qemu_version())
         store = _store(config)
         existed = store.lookup(key) is not None

@@ -42,6 +42,10 @@ class HypervisorConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     dial_timeout_s: float = 120.0  # a cold TCG boot takes ~8 s; a loaded CI machine much more
+    # auto: virtio-serial whenever templates or the pool are on (a vsock guest keeps the template's
+    # CID, so it cannot be templated: every start would boot cold), vsock where the host has it
+    # otherwise; serial / vsock: that one
+    channel: str = "auto"
     oci_runtime: str = ""  # "" = the agent's default (crun when present)
 
 
@@ -120,6 +124,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     h = cfg.hypervisor
     if h.accel not in ("auto", "kvm", "tcg"):
         raise InvalidArgument(f"config [hypervisor] accel: {h.accel!r} is not auto, kvm or tcg")
+    if cfg.agent.channel not in ("auto", "serial", "vsock"):
+        raise InvalidArgument(f"config [agent] channel: {cfg.agent.channel!r} is not auto, serial or vsock")
     if h.memory_hotplug not in ("pc-dimm", "virtio-mem"):
         raise InvalidArgument(f"config [hypervisor] memory_hotplug: {h.memory_hotplug!r}")
     if not 1 <= h.default_vcpus <= h.max_vcpus:

@@ -76,7 +76,7 @@ from .resources.reconciler import Reconciler
 from .resources.sizing import SandboxSizing, Target, calculate_sandbox
 from .share import GUEST_SHARED, GuestShare
 from .timing import PhaseTimer
-from .vm_shape import find_guest, vm_config
+from .vm_shape import agent_over_vsock, find_guest, vm_config
 
 if TYPE_CHECKING:
     from .network.pod import PodNetwork
@@ -305,7 +305,8 @@ class VmSandbox:
         # the state dir is made by the share (or is a pool VM's, renamed): only its parent here
         self.state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            cfg = vm_config(self.config, self.id, guest, vsock=vsock_available(), state_dir=self.state_dir,
+            cfg = vm_config(self.config, self.id, guest, vsock=agent_over_vsock(self.config, vsock_available()),
+                            state_dir=self.state_dir,
                             assets=effective.assets)
             boot = await self._launch_vm(cfg, accel, timer)
             await self._init_guest(sandbox_spec, timer)

@@ -65,6 +65,18 @@ def read_guest(directory: Path) -> Guest:
     return Guest(directory, params)
 
 
+def agent_over_vsock(config: Config, host_has_vsock: bool) -> bool:
+    """Whether the agent channel is vsock (config [agent] channel; `auto` picks virtio-serial wherever
+    templates or the pool are on, since a vsock VM cannot be templated). Raises FailedPrecondition
+    when vsock is asked for on a host without vhost-vsock."""
+    channel = config.agent.channel
+    if channel == "vsock" and not host_has_vsock:
+        raise FailedPrecondition("config [agent] channel = \"vsock\", but this host has no /dev/vhost-vsock")
+    if channel == "auto":
+        return host_has_vsock and not (config.factory.template or config.factory.pool_socket)
+    return channel == "vsock"
+
+
 def vm_config(config: Config, sandbox_id: str, guest: Guest, *, vsock: bool, state_dir: Path | None = None,
               assets: GuestAssets | None = None) -> VmConfig:
     """The VM of sandbox `sandbox_id`: `guest`'s files unless `assets` (checked annotations) replace

@@ -46,7 +46,7 @@ from ..errors import ShimError
 from ..layout import default_pool_socket, pool_vms_dir, sandboxes_dir, spares_dir
 from ..share import GuestShare
 from ..share import detach as share_detach
-from ..vm_shape import find_guest, vm_config
+from ..vm_shape import agent_over_vsock, find_guest, vm_config
 from .key import NoTemplate, guest_image_hash, qemu_version, template_key
 from .protocol import PoolError, receive, send
 from .spares import SpareShims
@@ -89,7 +89,7 @@ class Pool:
     def vm_config(self, n: int | str) -> VmConfig:
         """This pool's VM number `n` (named, and its vsock CID derived, from an id unique on the
         host): the same VM shape a shim builds (shim/vm_shape.py), in the pool's own directory."""
-        return vm_config(self.config, f"p{os.getpid()}-{n}", find_guest(self.config), vsock=vsock_available(),
+        return vm_config(self.config, f"p{os.getpid()}-{n}", find_guest(self.config), vsock=agent_over_vsock(self.config, vsock_available()),
                          state_dir=self.own / str(n))
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
