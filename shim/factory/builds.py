@@ -1,14 +1,15 @@
-"""Where template VMs are built, and the reaping of builds whose builder died (stdlib only: the
-`delete` action runs it, and containerd waits for that)."""
+"""Where template VMs are built, and the reaping of builds whose builder died (stdlib and
+vmm.procrecord only: the `delete` action runs it, and containerd waits for that)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
+
+from vmm.procrecord import QEMU_RECORD, kill_recorded
 
 from ..layout import builds_dir
 
@@ -33,8 +34,9 @@ def build_dir(state_root: str | Path, key: str) -> Iterator[Path]:
 
 def reap_orphan_builds(state_root: str | Path) -> list[int]:
     """Kill the template VMs of builders that died (SIGKILLed shims) and remove their directories;
-    return the QEMU pids killed. A VM is only killed when its command line names its own build
-    directory (pids get reused)."""
+    return the QEMU pids killed. A VM is killed only while it still is the process its build
+    directory records (vmm/procrecord.py: pid + start time + boot id, checked through a pidfd), never
+    a process that merely reuses the pid."""
     killed: list[int] = []
     root = builds_dir(state_root)
     try:
@@ -44,13 +46,12 @@ def reap_orphan_builds(state_root: str | Path) -> list[int]:
     for owner in owners:
         if Path(f"/proc/{owner.name}").exists():
             continue  # the builder lives (it cleans up after itself)
-        for pid_file in owner.glob("*/qemu.pid"):
+        for record in owner.glob(f"*/{QEMU_RECORD}"):
             try:
-                pid = int(pid_file.read_text().strip())
-                if str(pid_file.parent).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                pid = kill_recorded(record)
             except (OSError, ValueError):
-                pass
+                continue
+            if pid is not None:
+                killed.append(pid)
         shutil.rmtree(owner, ignore_errors=True)
     return killed

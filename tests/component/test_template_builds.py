@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shim.factory.builds import build_work_dir, reap_orphan_builds
 from shim.layout import BUILDS_DIR
+from vmm.procrecord import QEMU_RECORD, ProcRecord, format_record, write_record
 
 
 def _dead_pid() -> int:
@@ -16,18 +17,21 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _fake_vm(work_dir: Path, name_dir: bool = True) -> subprocess.Popen[bytes]:
-    """A process standing in for the build's QEMU; its command line names its work dir, as QEMU's does."""
+def _fake_vm(work_dir: Path, same_process: bool = True) -> subprocess.Popen[bytes]:
+    """A process standing in for the build's QEMU, recorded in its work dir as QemuHypervisor records
+    it; `same_process=False`: the record names its pid but another start time (the pid was reused)."""
     work_dir.mkdir(parents=True)
-    argv = ["sh", "-c", "sleep 60", str(work_dir) if name_dir else "elsewhere"]
-    proc = subprocess.Popen(argv)
-    (work_dir / "qemu.pid").write_text(f"{proc.pid}\n")
+    proc = subprocess.Popen(["sleep", "60"])
+    record = write_record(work_dir / QEMU_RECORD, proc.pid)
+    if not same_process:
+        stale = ProcRecord(record.pid, record.start_ticks - 1, record.boot_id)
+        (work_dir / QEMU_RECORD).write_text(format_record(stale))
     return proc
 
 
 def test_orphaned_build_vm_is_killed_and_its_dir_removed(tmp_path: Path):
     orphan = _fake_vm(tmp_path / BUILDS_DIR / str(_dead_pid()) / "abcdef0123456789")
-    unrelated = _fake_vm(tmp_path / BUILDS_DIR / str(_dead_pid()) / "0123456789abcdef", name_dir=False)
+    unrelated = _fake_vm(tmp_path / BUILDS_DIR / str(_dead_pid()) / "0123456789abcdef", same_process=False)
     live_work = build_work_dir(tmp_path, "fedcba9876543210ffff")  # ours: this process lives
     live = _fake_vm(live_work)
     try:
