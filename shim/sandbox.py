@@ -41,7 +41,7 @@ from vmm.hypervisor import VmExit
 from vmm.qemu import QemuHypervisor
 from vmm.vsock import read_token, start_with_free_cid
 
-from . import mounts, oci, portforward, volumes
+from . import guest_log, mounts, oci, portforward, volumes
 from .annotations import apply_annotations
 from .config import Config
 from .errors import (
@@ -168,6 +168,9 @@ class VmSandbox:
         self._follow_done = trio.Event()
         self._follow_done.set()  # nothing to wait for until a follower starts
         self._port_forward: portforward.Running | None = None  # CRI PortForward into the guest
+        self._guest_log_scope = trio.CancelScope()  # the guest's console lines into our log
+        self._guest_log_done = trio.Event()
+        self._guest_log_done.set()  # nothing to wait for until the follower starts
         self._poststop: tuple[list[Hook], str, dict[str, str]] = ([], "", {})
         self.boot = ""  # how the VM came up: pool | template | cold (set by start)
         # a template to build once this sandbox runs (there was none), and that build's lifetime
@@ -274,6 +277,10 @@ class VmSandbox:
             await agent.aclose()
         if self._vm is not None:
             await self._vm.stop()
+        # the VM is gone: the guest log's last pass reads what it wrote, before its file goes
+        self._guest_log_scope.cancel()
+        with trio.move_on_after(2):
+            await self._guest_log_done.wait()
         await self._teardown_network()
         await self._teardown_host_cgroups()
         await self._run_poststop_hooks()
@@ -305,8 +312,8 @@ class VmSandbox:
         # the state dir is made by the share (or is a pool VM's, renamed): only its parent here
         self.state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            cfg = vm_config(self.config, self.id, guest, vsock=agent_over_vsock(self.config, vsock_available()),
-                            state_dir=self.state_dir,
+            vsock = agent_over_vsock(self.config, vsock_available())
+            cfg = vm_config(self.config, self.id, guest, vsock=vsock, state_dir=self.state_dir,
                             assets=effective.assets)
             boot = await self._launch_vm(cfg, accel, timer)
             await self._init_guest(sandbox_spec, timer)
@@ -327,6 +334,9 @@ class VmSandbox:
             raise Unavailable(f"sandbox {self.id}: VM start failed: {exc}\nconsole:\n{tail}") from exc
         self.timings = dict(timer.phases)
         self.boot = boot
+        assert self._vm is not None  # started above
+        self._guest_log_scope, self._guest_log_done = trio.CancelScope(), trio.Event()
+        self._nursery.start_soon(self._follow_guest_log, self._vm.config.console_path)
         timer.log(accel=accel.name, boot=boot)
         if self._template_wanted is not None:
             # after the pod's own start, so that its boot does not share the CPUs with the build's
@@ -636,6 +646,14 @@ class VmSandbox:
                                      memory_mib=h.default_memory_mib, provider=self.target)
         self._reconciler_scope = trio.CancelScope()
         await self._nursery.start(self._run_reconciler, self.reconciler)
+
+    async def _follow_guest_log(self, console: Path) -> None:
+        # owned by the sandbox: stop() cancels it
+        try:
+            with self._guest_log_scope:
+                await guest_log.follow(console, log, f"guest {self.id}")
+        finally:
+            self._guest_log_done.set()
 
     async def _run_reconciler(self, reconciler: Reconciler, *,
                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

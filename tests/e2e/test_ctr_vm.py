@@ -51,6 +51,9 @@ def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainer
     assert "from-the-host" in out and "read-only" in out, out
     assert not (shared / "x").exists()
     assert not qemu_pids(containerd)
+    # the agent's log lines reach containerd's log through the shim's, at their level (debug here)
+    wait_for(lambda: "guest rm1: agent: timing rpc=CreateContainer" in containerd.log.read_text(errors="replace"),
+             timeout=10, what="the agent's lines in containerd's log")
 
 
 @EVERY_RELEASE
