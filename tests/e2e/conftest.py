@@ -14,9 +14,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.containerd import PrivateContainerd
+from tests.support.containerd_releases import Release
+from tests.support.cri import CriClient, private_cri
 
 SHAPES = {"default": "", "PrivateContainerd (debug)": "debug = true\n"}
 
@@ -32,3 +37,11 @@ def templates_built() -> None:
             if done.returncode != 0:
                 pytest.fail(f"building the {name} template failed:\n{done.stdout}{done.stderr}")
             print(f"[e2e] {done.stdout.strip()}", file=sys.stderr)
+
+
+@pytest.fixture
+def cri_env(containerd_release: Release) -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
+    """(containerd, CRI client, busybox image) of a private containerd with CRI, for the release the
+    test runs against (the host's unless parametrized)."""
+    with private_cri(release=containerd_release) as env:
+        yield env

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,28 +19,13 @@ from protos.k8s.cri.v1 import api_pb2 as cri
 from shim.config import Config
 from tests.support import owned
 from tests.support.containerd import EVERY_RELEASE, RUNTIME_HANDLER, PrivateContainerd
-from tests.support.containerd_releases import HOST, Release
-from tests.support.cri import CriClient, container_config, pod_config
+from tests.support.containerd_releases import Release
+from tests.support.cri import CriClient, container_config, pod_config, private_cri
 from tests.support.vmprocs import qemu_pids, wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm]
 
 H = "io.katacontainers.config.hypervisor."
-
-
-def _cri(kata_config: str = "", release: Release = HOST) -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
-    ctd = PrivateContainerd(kata_config=kata_config, cri=True, release=release).start()
-    try:
-        busybox, _pause = ctd.import_cri_images()
-        with CriClient(ctd.cri_address) as client:
-            yield ctd, client, busybox
-    finally:
-        ctd.cleanup()
-
-
-@pytest.fixture
-def cri_env(containerd_release: Release) -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
-    yield from _cri(release=containerd_release)
 
 
 @EVERY_RELEASE
@@ -255,7 +239,7 @@ def test_refused_annotations_fail_run_pod_sandbox(tmp_path: Path):
     guest = Config().guest_dir().resolve()
     config = (f'[hypervisor]\nvalid_asset_dirs = ["{guest}"]\n'
               "[runtime]\nenable_annotations = ['config\\.hypervisor\\.(kernel|kernel_hash)']\n")
-    for ctd, client, _busybox in _cri(config):
+    with private_cri(config) as (ctd, client, _busybox):
         cases = [
             ({H + "default_vcpus": "2"}, "default_vcpus is not enabled"),
             ({H + "kernel": str(guest / "vmlinux"), H + "kernel_hash": "ab" * 64}, "does not match"),

@@ -27,7 +27,7 @@ from shim.network.netns import run_in_netns
 from shim.portforward import COMMENT
 from tests.support.containerd import EVERY_RELEASE, RUNTIME_HANDLER, PrivateContainerd
 from tests.support.containerd_releases import Release
-from tests.support.cri import CriClient, container_config, pod_config
+from tests.support.cri import CriClient, container_config, pod_config, private_cri
 from tests.support.k8s_stream import ChannelConnection
 from tests.support.vmprocs import qemu_pids, wait_for
 
@@ -44,28 +44,23 @@ REFUSED = 8090
 def pod(containerd_release: Release) -> Iterator[tuple[PrivateContainerd, CriClient, str, str]]:
     """A CNI pod with the servers above; yields (containerd, client, pod id, netns path). The pod is
     removed by the test that checks cleanup, or here."""
-    ctd = PrivateContainerd(cri=True, release=containerd_release).start()
-    try:
-        busybox, _pause = ctd.import_cri_images()
-        with CriClient(ctd.cri_address) as client:
-            config = pod_config("pf", host_network=False)
-            pod_id = client.run_pod_sandbox(config, RUNTIME_HANDLER)
+    with private_cri(release=containerd_release) as (ctd, client, busybox):
+        config = pod_config("pf", host_network=False)
+        pod_id = client.run_pod_sandbox(config, RUNTIME_HANDLER)
+        try:
+            cid = client.create_container(pod_id, container_config("srv", busybox, ["sh", "-c", SERVERS]),
+                                          config)
+            client.start_container(cid)
+            netns = netns_of(ctd, pod_id)
             try:
-                cid = client.create_container(pod_id, container_config("srv", busybox, ["sh", "-c", SERVERS]),
-                                              config)
-                client.start_container(cid)
-                netns = netns_of(ctd, pod_id)
-                try:
-                    wait_for(lambda: hello_or_none(netns), 60, "the servers in the pod")
-                except AssertionError:
-                    raise AssertionError(f"no hello from the pod:\n{ctd.log_tail(80)}") from None
-                yield ctd, client, pod_id, netns
-            finally:
-                if client.list_containers(pod_id) or qemu_pids(ctd):
-                    client.stop_pod_sandbox(pod_id)
-                    client.remove_pod_sandbox(pod_id)
-    finally:
-        ctd.cleanup()
+                wait_for(lambda: hello_or_none(netns), 60, "the servers in the pod")
+            except AssertionError:
+                raise AssertionError(f"no hello from the pod:\n{ctd.log_tail(80)}") from None
+            yield ctd, client, pod_id, netns
+        finally:
+            if client.list_containers(pod_id) or qemu_pids(ctd):
+                client.stop_pod_sandbox(pod_id)
+                client.remove_pod_sandbox(pod_id)
 
 
 def hello_or_none(netns: str) -> bool:

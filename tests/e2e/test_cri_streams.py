@@ -12,7 +12,7 @@ import pytest
 
 from protos.k8s.cri.v1 import api_pb2 as cri
 from tests.support.containerd import RUNTIME_HANDLER, PrivateContainerd
-from tests.support.cri import CriClient, container_config, pod_config
+from tests.support.cri import CriClient, container_config, pod_config, private_cri
 from tests.support.k8s_stream import StreamResult, cri_attach_url, cri_exec_url, run_stream
 from tests.support.vmprocs import qemu_pids, wait_for
 
@@ -31,23 +31,18 @@ class Pod:
 
 @pytest.fixture
 def pod() -> Iterator[Pod]:
-    ctd = PrivateContainerd(cri=True).start()
-    try:
-        busybox, _pause = ctd.import_cri_images()
-        with CriClient(ctd.cri_address) as client:
-            config = pod_config("streams", host_network=False)
-            pod_id = client.run_pod_sandbox(config, RUNTIME_HANDLER)
-            try:
-                cid = client.create_container(
-                    pod_id, container_config("sh", busybox, ["sh", "-c", "while :; do sleep 1; done"]), config)
-                client.start_container(cid)
-                yield Pod(ctd, client, pod_id, config, busybox, cid)
-            finally:
-                client.stop_pod_sandbox(pod_id)
-                client.remove_pod_sandbox(pod_id)
-            wait_for(lambda: not qemu_pids(ctd), 30, "QEMU gone after RemovePodSandbox")
-    finally:
-        ctd.cleanup()
+    with private_cri() as (ctd, client, busybox):
+        config = pod_config("streams", host_network=False)
+        pod_id = client.run_pod_sandbox(config, RUNTIME_HANDLER)
+        try:
+            cid = client.create_container(
+                pod_id, container_config("sh", busybox, ["sh", "-c", "while :; do sleep 1; done"]), config)
+            client.start_container(cid)
+            yield Pod(ctd, client, pod_id, config, busybox, cid)
+        finally:
+            client.stop_pod_sandbox(pod_id)
+            client.remove_pod_sandbox(pod_id)
+        wait_for(lambda: not qemu_pids(ctd), 30, "QEMU gone after RemovePodSandbox")
 
 
 def stream_exec(pod: Pod, cmd: list[str], *, tty: bool, stdin: bool, stderr: bool = False, data: bytes = b"",

@@ -9,7 +9,6 @@ the guest's userland too) from a read-only bind of the host's /usr, through its 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -176,17 +175,6 @@ def test_added_capability_is_enough_and_none_loads_nothing(containerd: PrivateCo
     assert not {"dummy", "vxlan", "nf_tables", "nft_chain_nat", "nft_compat"} & loaded, sorted(loaded)
     assert "bridge" in loaded  # the ioctl's request comes first (see NET_ADMIN)
     wait_for(lambda: not qemu_pids(containerd), timeout=30, what="QEMU gone")
-
-
-@pytest.fixture
-def cri_env() -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
-    ctd = PrivateContainerd(cri=True).start()
-    try:
-        busybox, _pause = ctd.import_cri_images()
-        with CriClient(ctd.cri_address) as client:
-            yield ctd, client, busybox
-    finally:
-        ctd.cleanup()
 
 
 # packaging/containerd's privileged_without_host_devices = true (as Kata's): a CRI privileged container

@@ -47,17 +47,6 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
 
 
 @pytest.fixture
-def cri_env() -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
-    ctd = PrivateContainerd(cri=True).start()
-    try:
-        busybox, _pause = ctd.import_cri_images()
-        with CriClient(ctd.cri_address) as client:
-            yield ctd, client, busybox
-    finally:
-        ctd.cleanup()
-
-
-@pytest.fixture
 def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="kpm-", dir="/tmp"))
     try:

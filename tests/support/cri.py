@@ -5,13 +5,17 @@ Every call raises grpc.RpcError on failure (its `.code()` and `.details()` carry
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
 
 from protos.k8s.cri.v1 import api_pb2 as cri
 from protos.k8s.cri.v1 import api_pb2_grpc as cri_grpc
+
+from .containerd import PrivateContainerd
+from .containerd_releases import HOST, Release
 
 
 @dataclass(frozen=True)
@@ -128,3 +132,16 @@ class CriClient:
         resp = self.images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=image)),
                                        timeout=self.timeout)
         return resp.image if resp.HasField("image") else None
+
+
+@contextmanager
+def private_cri(kata_config: str = "", release: Release = HOST) -> Iterator[tuple[PrivateContainerd, CriClient, str]]:
+    """A private containerd with the CRI plugin (kata-py's handler, the default CNI bridge), its CRI
+    images imported, and a client: (containerd, client, busybox image). Cleaned up on exit."""
+    ctd = PrivateContainerd(kata_config=kata_config, cri=True, release=release).start()
+    try:
+        busybox, _pause = ctd.import_cri_images()
+        with CriClient(ctd.cri_address) as client:
+            yield ctd, client, busybox
+    finally:
+        ctd.cleanup()
