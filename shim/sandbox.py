@@ -190,6 +190,11 @@ class VmSandbox:
         pid = self._vm.pid() if self._vm else None
         return pid or os.getpid()
 
+    @property
+    def vm_config(self) -> VmConfig | None:
+        """The running VM's configuration (its agent channel with the vsock CID that was free)."""
+        return self._vm.config if self._vm is not None else None
+
     async def create_container(self, container: Container) -> None:
         async with self._start_lock:
             if self._stopped:

@@ -29,6 +29,7 @@ import trio
 
 import ttrpc
 from agent_client.protocol import ContainerStats
+from vmm.config import VmConfig, VsockChannel
 
 from . import http
 from .exposition import CONTENT_TYPE, Counter, Family, Histogram, counter, gauge, render
@@ -63,6 +64,9 @@ class SandboxView(Protocol):
     def agent(self) -> Any: ...
 
     def pid(self) -> int: ...
+
+    @property
+    def vm_config(self) -> VmConfig | None: ...
 
 
 class ServiceView(Protocol):
@@ -182,14 +186,12 @@ class PodMetrics:
 
     def agent_url(self) -> str:
         # the VM's channel as the sandbox started it (a vsock CID may differ from the first choice)
-        vm = getattr(self.sandbox, "_vm", None)
-        cfg = getattr(vm, "config", None)
-        channel = getattr(cfg, "agent", None)
-        if channel is None:
+        cfg = self.sandbox.vm_config
+        if cfg is None:
             return ""
-        if hasattr(channel, "guest_cid"):
-            return f"vsock://{channel.guest_cid}:{channel.port}"
-        return f"unix://{cfg.agent_socket}"  # type: ignore[union-attr]  # a VmConfig's, as the vsock one
+        if isinstance(cfg.agent, VsockChannel):
+            return f"vsock://{cfg.agent.guest_cid}:{cfg.agent.port}"
+        return f"unix://{cfg.agent_socket}"
 
     async def collect(self) -> list[Family]:
         stats = await self._container_stats()

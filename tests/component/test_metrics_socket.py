@@ -47,6 +47,7 @@ class FakeSandbox:
         self.state_dir = state_dir
         self.boot = ""
         self.agent = FakeAgent()
+        self.vm_config: Any = None  # no VM yet
         self._qemu_pid = qemu_pid
 
     def pid(self) -> int:
@@ -220,16 +221,15 @@ def test_pod_identity_and_agent_url():
         {"sandbox_id": "s", "cri_pod_name": "x", "cri_pod_namespace": "", "cri_pod_uid": ""}
     from vmm.config import SerialChannel, VsockChannel
 
-    class Vm:
-        def __init__(self, channel: Any) -> None:
-            self.config = type("Cfg", (), {"agent": channel, "agent_socket": Path("/s/agent.sock")})()
+    def vm(channel: Any) -> Any:  # the two fields of a VmConfig that the URL comes from
+        return type("Cfg", (), {"agent": channel, "agent_socket": Path("/s/agent.sock")})()
 
     sandbox = FakeSandbox(Path("/s"), os.getpid())
     metrics = pod.PodMetrics(sandbox, FakeService())
     assert metrics.agent_url() == ""
-    sandbox._vm = Vm(SerialChannel())  # type: ignore[attr-defined]
+    sandbox.vm_config = vm(SerialChannel())
     assert metrics.agent_url() == "unix:///s/agent.sock"
-    sandbox._vm = Vm(VsockChannel(guest_cid=7))  # type: ignore[attr-defined]
+    sandbox.vm_config = vm(VsockChannel(guest_cid=7))
     assert metrics.agent_url() == "vsock://7:1024"
 
 
