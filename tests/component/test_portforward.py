@@ -14,7 +14,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -31,6 +30,7 @@ from protos.agent.v1 import agent_pb2 as pb
 from protos.agent.v1 import agent_pb2_grpc
 from shim import portforward
 from shim.network.netns import run_in_netns
+from tests.support import owned
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("iptables") is None,
                                 reason="needs root and iptables")
@@ -64,7 +64,7 @@ class HostileForward(PortForwardOnly):
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"kppf-{uuid.uuid4().hex[:8]}"
+    name = owned.test_name("kppf-")  # the run's tag: the leak check knows it
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
@@ -352,7 +352,7 @@ async def test_without_iptables_it_says_so(netns: str, agent_of: Any, monkeypatc
 
 @pytest.fixture
 def netns_lo_down() -> Iterator[str]:
-    name = f"kppf-{uuid.uuid4().hex[:8]}"
+    name = owned.test_name("kppf-")  # the run's tag: the leak check knows it
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         yield f"/var/run/netns/{name}"
